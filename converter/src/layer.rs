@@ -1,0 +1,384 @@
+//! Reading one layer blob: decompression chosen by magic bytes, digest and
+//! diff_id verification, and tar members turned into [`Member`]s.
+//!
+//! The same reader serves both passes, so member ordinals agree between the
+//! indexing pass and the emitting pass.
+
+use std::io::{self, BufRead, BufReader, Read};
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine as _;
+
+use crate::digest::{Digest, HashRead};
+use crate::path::RelPath;
+use crate::tree::{Meta, Xattr};
+use crate::whiteout::{self, Role};
+
+/// Compression of a layer blob, told by its first bytes, not its media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Gzip,
+    Zstd,
+    Xz,
+    Plain,
+}
+
+impl Compression {
+    pub fn sniff(magic: &[u8]) -> Self {
+        if magic.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else if magic.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+            Compression::Xz
+        } else {
+            Compression::Plain
+        }
+    }
+
+    /// What a layer media type claims, when it says.
+    pub fn from_media_type(mt: &str) -> Option<Self> {
+        if mt.ends_with("+gzip") || mt.ends_with(".tar.gzip") || mt.ends_with("tar.gzip") {
+            Some(Compression::Gzip)
+        } else if mt.ends_with("+zstd") {
+            Some(Compression::Zstd)
+        } else if mt.ends_with(".tar") || mt.ends_with("layer.v1.tar") {
+            Some(Compression::Plain)
+        } else if mt == "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            || mt == "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+        {
+            Some(Compression::Gzip)
+        } else {
+            None
+        }
+    }
+}
+
+/// Where a layer comes from and what it must hash to.
+#[derive(Debug, Clone)]
+pub struct LayerDesc {
+    /// Position in the manifest, 0 = bottom.
+    pub index: usize,
+    /// Digest of the blob as stored (compressed). `None` only for legacy
+    /// `docker save` layers, which are addressed by file name and checked by diff_id.
+    pub digest: Option<Digest>,
+    pub size: Option<u64>,
+    pub media_type: String,
+    pub diff_id: Digest,
+}
+
+impl LayerDesc {
+    pub fn label(&self) -> String {
+        match &self.digest {
+            Some(d) => format!("layer {} ({})", self.index + 1, d),
+            None => format!("layer {} (diff_id {})", self.index + 1, self.diff_id),
+        }
+    }
+}
+
+type Compressed = BufReader<HashRead<Box<dyn Read + Send>>>;
+
+/// The decompressing stage, concrete so the raw stream can be recovered at the end
+/// and drained into the blob digest.
+enum Decoder {
+    Gzip(flate2::bufread::MultiGzDecoder<Compressed>),
+    Zstd(zstd::stream::read::Decoder<'static, Compressed>),
+    Xz(liblzma::bufread::XzDecoder<Compressed>),
+    Plain(Compressed),
+}
+
+impl Read for Decoder {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Decoder::Gzip(d) => d.read(buf),
+            Decoder::Zstd(d) => d.read(buf),
+            Decoder::Xz(d) => d.read(buf),
+            Decoder::Plain(d) => d.read(buf),
+        }
+    }
+}
+
+impl Decoder {
+    fn into_inner(self) -> Compressed {
+        match self {
+            Decoder::Gzip(d) => d.into_inner(),
+            Decoder::Zstd(d) => d.finish(),
+            Decoder::Xz(d) => d.into_inner(),
+            Decoder::Plain(d) => d,
+        }
+    }
+}
+
+pub type LayerTar = HashRead<Decoder>;
+pub type LayerEntry<'a> = tar::Entry<'a, LayerTar>;
+
+/// What reading a whole layer established.
+#[derive(Debug, Clone)]
+pub struct LayerStats {
+    pub compression: Compression,
+    pub compressed_bytes: u64,
+    pub uncompressed_bytes: u64,
+    pub members: u64,
+}
+
+/// Streams a layer: calls `on_member(ordinal, entry)` for every tar member, then
+/// drains the rest and checks size, blob digest and diff_id. Any mismatch is an
+/// error naming the layer; the caller must not have produced output from it yet
+/// (pass 1), or must discard what it produced (pass 2).
+pub fn read_layer(
+    blob: Box<dyn Read + Send>,
+    desc: &LayerDesc,
+    warnings: &mut Vec<String>,
+    mut on_member: impl FnMut(u64, &mut LayerEntry<'_>) -> Result<()>,
+) -> Result<LayerStats> {
+    let label = desc.label();
+    let mut raw = BufReader::with_capacity(256 * 1024, HashRead::new(blob, desc.size));
+    let magic = raw
+        .fill_buf()
+        .with_context(|| format!("{label}: cannot read blob"))?
+        .to_vec();
+    let compression = Compression::sniff(&magic);
+    if let Some(claimed) = Compression::from_media_type(&desc.media_type) {
+        if claimed != compression {
+            warnings.push(format!(
+                "{label}: media type {} says {claimed:?} but the bytes are {compression:?}; using {compression:?}",
+                desc.media_type
+            ));
+        }
+    }
+    let decoder = match compression {
+        Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(raw)),
+        Compression::Zstd => Decoder::Zstd(
+            zstd::stream::read::Decoder::with_buffer(raw)
+                .with_context(|| format!("{label}: cannot start zstd decoder"))?,
+        ),
+        Compression::Xz => Decoder::Xz(liblzma::bufread::XzDecoder::new_multi_decoder(raw)),
+        Compression::Plain => Decoder::Plain(raw),
+    };
+    let mut archive = tar::Archive::new(HashRead::new(decoder, None));
+    let mut members = 0u64;
+    {
+        let entries = archive
+            .entries()
+            .with_context(|| format!("{label}: not a tar stream"))?;
+        for (ordinal, entry) in entries.enumerate() {
+            let mut entry = entry.map_err(|e| {
+                anyhow!("{label}: corrupt or truncated layer after {ordinal} members: {e}")
+            })?;
+            on_member(ordinal as u64, &mut entry)?;
+            members += 1;
+        }
+    }
+    // Whatever follows the end-of-archive marker (padding, garbage) is still part
+    // of the diff: hash it so diff_id covers the whole stream.
+    let mut diff = archive.into_inner();
+    io::copy(&mut diff, &mut io::sink())
+        .with_context(|| format!("{label}: corrupt or truncated layer data"))?;
+    let (diff_id, uncompressed_bytes, decoder) = diff.finish();
+    let mut raw = decoder.into_inner();
+    let trailing = io::copy(&mut raw, &mut io::sink())
+        .with_context(|| format!("{label}: cannot read blob"))?;
+    if trailing > 0 {
+        warnings.push(format!(
+            "{label}: {trailing} bytes after the end of the compressed stream"
+        ));
+    }
+    let (blob_digest, compressed_bytes, _) = raw.into_inner().finish();
+
+    if let Some(size) = desc.size {
+        if compressed_bytes != size {
+            bail!("{label}: blob is {compressed_bytes} bytes but its descriptor declares {size}");
+        }
+    }
+    if let Some(expected) = &desc.digest {
+        if &blob_digest != expected {
+            bail!("{label}: blob digest mismatch: content hashes to {blob_digest}");
+        }
+    }
+    if diff_id != desc.diff_id {
+        bail!(
+            "{label}: diff_id mismatch: config says {} but the uncompressed layer hashes to {diff_id}",
+            desc.diff_id
+        );
+    }
+    Ok(LayerStats {
+        compression,
+        compressed_bytes,
+        uncompressed_bytes,
+        members,
+    })
+}
+
+/// A tar member reduced to what the merge needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub path: RelPath,
+    pub role: Role,
+    pub kind: MemberKind,
+    pub meta: Meta,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberKind {
+    Dir,
+    File { size: u64 },
+    Symlink(Box<[u8]>),
+    Hardlink(RelPath),
+    Fifo,
+    CharDevice(u32, u32),
+    BlockDevice(u32, u32),
+    /// Members with no meaning for a filesystem (PAX global headers, unknown types).
+    Ignored(String),
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Interprets one tar member. Errors name the member; the caller adds the layer.
+pub fn parse_member(entry: &mut LayerEntry<'_>) -> Result<Member> {
+    let raw_name = entry.path_bytes().into_owned();
+    let shown = lossy(&raw_name);
+    let header = entry.header();
+    let ty = header.entry_type();
+    let mode = header.mode().map_err(|e| anyhow!("entry '{shown}': bad mode: {e}"))? & 0o7777;
+    let uid = header.uid().map_err(|e| anyhow!("entry '{shown}': bad uid: {e}"))?;
+    let gid = header.gid().map_err(|e| anyhow!("entry '{shown}': bad gid: {e}"))?;
+    let mut mtime = header.mtime().unwrap_or(0);
+    let link = entry.link_name_bytes().map(|l| l.into_owned());
+
+    let mut xattrs: Vec<Xattr> = Vec::new();
+    if let Some(exts) = entry
+        .pax_extensions()
+        .map_err(|e| anyhow!("entry '{shown}': bad PAX header: {e}"))?
+    {
+        for ext in exts {
+            let ext = ext.map_err(|e| anyhow!("entry '{shown}': bad PAX record: {e}"))?;
+            let key = ext.key_bytes();
+            if key == b"mtime" {
+                // PAX mtimes may be fractional or negative; keep whole seconds ≥ 0.
+                let v = lossy(ext.value_bytes());
+                let whole = v.split('.').next().unwrap_or("0");
+                mtime = whole.parse::<i64>().map(|t| t.max(0) as u64).unwrap_or(mtime);
+            } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                xattrs.push((name.into(), ext.value_bytes().into()));
+            } else if let Some(name) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
+                let name = percent_decode(name);
+                let value = base64::engine::general_purpose::STANDARD_NO_PAD
+                    .decode(ext.value_bytes().trim_ascii_end().trim_ascii_end())
+                    .or_else(|_| base64::engine::general_purpose::STANDARD.decode(ext.value_bytes()))
+                    .map_err(|e| anyhow!("entry '{shown}': bad LIBARCHIVE.xattr value: {e}"))?;
+                xattrs.push((name.into(), value.into()));
+            } else if key.starts_with(b"GNU.sparse.") {
+                bail!(
+                    "entry '{shown}': PAX sparse files (GNU.sparse.*) are not supported; \
+                     rebuild the layer without --sparse"
+                );
+            }
+        }
+    }
+    xattrs.sort();
+    xattrs.dedup_by(|a, b| a.0 == b.0);
+
+    let path = RelPath::parse(&raw_name).map_err(|e| anyhow!("entry '{shown}': {e}"))?;
+    let role = whiteout::classify(&path).map_err(|e| anyhow!("entry '{shown}': {e}"))?;
+    let meta = Meta {
+        mode,
+        uid,
+        gid,
+        mtime,
+        xattrs: xattrs.into(),
+    };
+    let device = |e: &LayerEntry<'_>| -> (u32, u32) {
+        let h = e.header();
+        (
+            h.device_major().ok().flatten().unwrap_or(0),
+            h.device_minor().ok().flatten().unwrap_or(0),
+        )
+    };
+    use tar::EntryType as T;
+    let kind = match ty {
+        T::Directory => MemberKind::Dir,
+        // V7 archives mark directories with a trailing slash on a regular member.
+        T::Regular if raw_name.ends_with(b"/") => MemberKind::Dir,
+        T::Regular | T::Continuous | T::GNUSparse => MemberKind::File { size: entry.size() },
+        T::Symlink => MemberKind::Symlink(
+            link.ok_or_else(|| anyhow!("entry '{shown}': symlink without a target"))?
+                .into(),
+        ),
+        T::Link => {
+            let target = link.ok_or_else(|| anyhow!("entry '{shown}': hardlink without a target"))?;
+            let target = RelPath::parse(&target).map_err(|e| {
+                anyhow!("entry '{shown}': hardlink target '{}': {e}", lossy(&target))
+            })?;
+            MemberKind::Hardlink(target)
+        }
+        T::Fifo => MemberKind::Fifo,
+        T::Char => {
+            let (a, b) = device(entry);
+            MemberKind::CharDevice(a, b)
+        }
+        T::Block => {
+            let (a, b) = device(entry);
+            MemberKind::BlockDevice(a, b)
+        }
+        T::XGlobalHeader => MemberKind::Ignored("PAX global header".into()),
+        other => MemberKind::Ignored(format!("unsupported tar member type {:?}", other.as_byte() as char)),
+    };
+    Ok(Member {
+        path,
+        role,
+        kind,
+        meta,
+    })
+}
+
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            if let Ok(v) = u8::from_str_radix(&String::from_utf8_lossy(&s[i + 1..i + 3]), 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_magic() {
+        assert_eq!(Compression::sniff(&[0x1f, 0x8b, 8]), Compression::Gzip);
+        assert_eq!(Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd]), Compression::Zstd);
+        assert_eq!(Compression::sniff(b"\xfd7zXZ\0"), Compression::Xz);
+        assert_eq!(Compression::sniff(b"etc/"), Compression::Plain);
+        assert_eq!(Compression::sniff(b""), Compression::Plain);
+    }
+
+    #[test]
+    fn media_type_claims() {
+        use Compression::*;
+        let m = Compression::from_media_type;
+        assert_eq!(m("application/vnd.oci.image.layer.v1.tar+gzip"), Some(Gzip));
+        assert_eq!(m("application/vnd.oci.image.layer.v1.tar+zstd"), Some(Zstd));
+        assert_eq!(m("application/vnd.oci.image.layer.v1.tar"), Some(Plain));
+        assert_eq!(m("application/vnd.docker.image.rootfs.diff.tar.gzip"), Some(Gzip));
+        assert_eq!(m("application/octet-stream"), None);
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode(b"user.a%20b"), b"user.a b");
+        assert_eq!(percent_decode(b"user.%zz"), b"user.%zz");
+        assert_eq!(percent_decode(b"user.%4"), b"user.%4");
+    }
+}

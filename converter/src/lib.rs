@@ -1,0 +1,13 @@
+//! hakim-convert: turn OCI/Docker images into Proxmox VE artifacts.
+//!
+//! The pipeline: a [`source`] resolves an image reference to a config and an
+//! ordered list of layer blobs; [`flatten`] reads every layer once to build the
+//! merged [`tree`] (metadata only, digests verified), then streams the layers a
+//! second time through [`tarout`] and [`compress`] into an artifact written under
+//! a temporary name by [`output`].
+
+pub mod digest;
+pub mod layer;
+pub mod path;
+pub mod tree;
+pub mod whiteout;

@@ -1,0 +1,138 @@
+//! Tar member names → normalised paths inside the image root.
+//!
+//! Layer tarballs are untrusted: names may be absolute, carry `..`, or repeat
+//! separators. Everything downstream works on a [`RelPath`], a list of plain
+//! components that can never leave the root.
+
+use std::fmt;
+
+/// A normalised path relative to the image root. The empty path is the root itself.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct RelPath(Vec<Vec<u8>>);
+
+/// Why a name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("absolute path")]
+    Absolute,
+    #[error("path escapes the image root through '..'")]
+    Escapes,
+    #[error("path contains a NUL byte")]
+    Nul,
+}
+
+impl RelPath {
+    pub fn root() -> Self {
+        RelPath(Vec::new())
+    }
+
+    /// Normalises a tar member name or hardlink target.
+    ///
+    /// `./a//b/` → `a/b`; `a/../b` → `b` (lexically, as Docker does); absolute names
+    /// and anything that climbs above the root are refused rather than clamped, so a
+    /// hostile layer is reported instead of silently rewritten.
+    pub fn parse(name: &[u8]) -> Result<Self, PathError> {
+        if name.contains(&0) {
+            return Err(PathError::Nul);
+        }
+        if name.first() == Some(&b'/') {
+            return Err(PathError::Absolute);
+        }
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        for part in name.split(|&b| b == b'/') {
+            match part {
+                b"" | b"." => {}
+                b".." => {
+                    if parts.pop().is_none() {
+                        return Err(PathError::Escapes);
+                    }
+                }
+                other => parts.push(other.to_vec()),
+            }
+        }
+        Ok(RelPath(parts))
+    }
+
+    pub fn components(&self) -> &[Vec<u8>] {
+        &self.0
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn parent(&self) -> Option<RelPath> {
+        if self.0.is_empty() {
+            None
+        } else {
+            Some(RelPath(self.0[..self.0.len() - 1].to_vec()))
+        }
+    }
+
+    pub fn file_name(&self) -> Option<&[u8]> {
+        self.0.last().map(|v| v.as_slice())
+    }
+
+    pub fn join(&self, name: &[u8]) -> RelPath {
+        let mut parts = self.0.clone();
+        parts.push(name.to_vec());
+        RelPath(parts)
+    }
+
+    pub fn from_components(parts: Vec<Vec<u8>>) -> Self {
+        RelPath(parts)
+    }
+
+    /// `a/b` (no leading `./`), the form used in messages and lookups.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.join(&b'/')
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str(".");
+        }
+        write!(f, "{}", String::from_utf8_lossy(&self.to_bytes()))
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RelPath({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(s: &str) -> Result<String, PathError> {
+        RelPath::parse(s.as_bytes()).map(|p| p.to_string())
+    }
+
+    #[test]
+    fn normalises_dots_and_slashes() {
+        assert_eq!(norm("./a//b/").unwrap(), "a/b");
+        assert_eq!(norm("a/./b").unwrap(), "a/b");
+        assert_eq!(norm("a/../b").unwrap(), "b");
+        assert_eq!(norm("./").unwrap(), ".");
+        assert_eq!(norm("").unwrap(), ".");
+    }
+
+    #[test]
+    fn refuses_escapes() {
+        assert_eq!(norm("/abs"), Err(PathError::Absolute));
+        assert_eq!(norm("../x"), Err(PathError::Escapes));
+        assert_eq!(norm("a/../../x"), Err(PathError::Escapes));
+        assert_eq!(norm("./.."), Err(PathError::Escapes));
+        assert_eq!(RelPath::parse(b"a\0b"), Err(PathError::Nul));
+    }
+
+    #[test]
+    fn keeps_non_utf8_bytes() {
+        let p = RelPath::parse(b"dir/\xff\xfe").unwrap();
+        assert_eq!(p.to_bytes(), b"dir/\xff\xfe".to_vec());
+    }
+}
