@@ -79,9 +79,9 @@ impl LayerDesc {
 
 type Compressed = BufReader<HashRead<Box<dyn Read + Send>>>;
 
-/// The decompressing stage, concrete so the raw stream can be recovered at the end
+/// The decompressing stage of a layer stream; concrete so the raw stream can be recovered at the end
 /// and drained into the blob digest.
-enum Decoder {
+pub enum Decoder {
     Gzip(flate2::bufread::MultiGzDecoder<Compressed>),
     Zstd(zstd::stream::read::Decoder<'static, Compressed>),
     Xz(liblzma::bufread::XzDecoder<Compressed>),

@@ -6,8 +6,11 @@
 //! second time through [`tarout`] and [`compress`] into an artifact written under
 //! a temporary name by [`output`].
 
+pub mod compress;
 pub mod digest;
 pub mod layer;
 pub mod path;
+pub mod source;
+pub mod tarout;
 pub mod tree;
 pub mod whiteout;

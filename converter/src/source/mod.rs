@@ -1,0 +1,238 @@
+//! Image sources: a reference string → a resolved image (config + ordered layer
+//! blobs) and a [`BlobStore`] that can open each layer any number of times.
+//!
+//! Transports use skopeo's prefixes: `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
+//! `docker-archive:FILE[:NAME:TAG|@INDEX]`. Everything after resolution is
+//! transport-agnostic, so the registry transport plugs into the same pipeline.
+
+pub mod docker_archive;
+pub mod manifest;
+pub mod oci_archive;
+pub mod oci_layout;
+mod tar_index;
+
+use std::fmt;
+use std::io::Read;
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+
+use crate::digest::Digest;
+use crate::layer::LayerDesc;
+
+/// `os/arch[/variant]`, as in `--platform linux/arm64/v8`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Default for Platform {
+    fn default() -> Self {
+        Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+        }
+    }
+}
+
+impl FromStr for Platform {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => {
+                Ok(Platform {
+                    os: os.to_string(),
+                    architecture: arch.to_string(),
+                    variant: Some(variant.to_string()),
+                })
+            }
+            _ => bail!("invalid platform '{s}': expected os/arch[/variant], e.g. linux/amd64"),
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Platform {
+    /// Whether an image's platform satisfies this request. `arm64` and `arm64/v8`
+    /// are the same thing; an unspecified variant accepts any.
+    pub fn matches(&self, other: &Platform) -> bool {
+        if self.os != other.os || self.architecture != other.architecture {
+            return false;
+        }
+        let norm = |p: &Platform| match (p.architecture.as_str(), p.variant.as_deref()) {
+            ("arm64", Some("v8")) => None,
+            (_, v) => v.map(str::to_string),
+        };
+        match norm(self) {
+            None => true,
+            Some(v) => norm(other).as_deref() == Some(v.as_str()),
+        }
+    }
+}
+
+/// Opens layer blobs of a resolved image. Each call returns a fresh reader from
+/// the start, so the flattener can read every layer twice.
+pub trait BlobStore: Send + Sync {
+    fn open_layer(&self, layer: &LayerDesc) -> Result<Box<dyn Read + Send>>;
+}
+
+/// An image ready to flatten.
+pub struct ResolvedImage {
+    /// The reference as the user gave it.
+    pub reference: String,
+    /// Repository name used for artifact naming (e.g. `hakim-base`), when known.
+    pub repository: Option<String>,
+    pub tag: Option<String>,
+    pub manifest_digest: Option<Digest>,
+    pub config_digest: Option<Digest>,
+    /// The raw config JSON (kept for writing image metadata later).
+    pub config_json: Vec<u8>,
+    pub config: oci_spec::image::ImageConfiguration,
+    pub platform: Platform,
+    pub layers: Vec<LayerDesc>,
+    pub blobs: Box<dyn BlobStore>,
+    /// Notes from resolution (media type oddities, platform fallbacks).
+    pub warnings: Vec<String>,
+}
+
+/// The transports this build understands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    OciLayout { dir: String, tag: Option<String> },
+    OciArchive { file: String, tag: Option<String> },
+    DockerArchive { file: String, selector: Option<String> },
+}
+
+impl FromStr for Transport {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        // Like skopeo: the path ends at the first ':' after the prefix.
+        let split = |rest: &str| -> (String, Option<String>) {
+            match rest.split_once(':') {
+                Some((p, t)) if !t.is_empty() => (p.to_string(), Some(t.to_string())),
+                Some((p, _)) => (p.to_string(), None),
+                None => (rest.to_string(), None),
+            }
+        };
+        if let Some(rest) = s.strip_prefix("oci:") {
+            let (dir, tag) = split(rest);
+            return Ok(Transport::OciLayout { dir, tag });
+        }
+        if let Some(rest) = s.strip_prefix("oci-archive:") {
+            let (file, tag) = split(rest);
+            return Ok(Transport::OciArchive { file, tag });
+        }
+        if let Some(rest) = s.strip_prefix("docker-archive:") {
+            let (file, selector) = split(rest);
+            return Ok(Transport::DockerArchive { file, selector });
+        }
+        if s.starts_with("docker://") || s.contains('/') && !s.starts_with('/') && !s.starts_with('.') {
+            bail!(
+                "'{s}': pulling from registries is not in this build yet; \
+                 export the image first (skopeo copy docker://… oci:DIR:TAG) and use oci:DIR:TAG"
+            );
+        }
+        bail!(
+            "'{s}': unknown source; use oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE"
+        )
+    }
+}
+
+/// Resolves a source reference for the requested platform (`None` = linux/amd64,
+/// with only a warning when a single-platform image is something else).
+pub fn open(reference: &str, platform: Option<&Platform>) -> Result<ResolvedImage> {
+    let transport: Transport = reference.parse()?;
+    let mut image = match &transport {
+        Transport::OciLayout { dir, tag } => oci_layout::open(dir, tag.as_deref(), platform)?,
+        Transport::OciArchive { file, tag } => oci_archive::open(file, tag.as_deref(), platform)?,
+        Transport::DockerArchive { file, selector } => {
+            docker_archive::open(file, selector.as_deref(), platform)?
+        }
+    };
+    image.reference = reference.to_string();
+    Ok(image)
+}
+
+/// The last path component of a repository reference, without tag or digest:
+/// `ghcr.io/shekohex/hakim-base:latest` → `hakim-base`.
+pub fn repository_basename(reference: &str) -> Option<String> {
+    let no_digest = reference.split('@').next()?;
+    let last = no_digest.rsplit('/').next()?;
+    let name = last.split(':').next()?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_transports() {
+        assert_eq!(
+            "oci:/tmp/x:latest".parse::<Transport>().unwrap(),
+            Transport::OciLayout {
+                dir: "/tmp/x".into(),
+                tag: Some("latest".into())
+            }
+        );
+        assert_eq!(
+            "oci:dir".parse::<Transport>().unwrap(),
+            Transport::OciLayout {
+                dir: "dir".into(),
+                tag: None
+            }
+        );
+        assert_eq!(
+            "docker-archive:a.tar:hakim-base:1".parse::<Transport>().unwrap(),
+            Transport::DockerArchive {
+                file: "a.tar".into(),
+                selector: Some("hakim-base:1".into())
+            }
+        );
+        assert!("ghcr.io/shekohex/hakim-base".parse::<Transport>().is_err());
+        assert!("whatever".parse::<Transport>().is_err());
+    }
+
+    #[test]
+    fn platform_matching() {
+        let p = |s: &str| s.parse::<Platform>().unwrap();
+        assert!(p("linux/arm64").matches(&p("linux/arm64/v8")));
+        assert!(p("linux/arm64/v8").matches(&p("linux/arm64")));
+        assert!(p("linux/arm").matches(&p("linux/arm/v7")));
+        assert!(!p("linux/arm/v6").matches(&p("linux/arm/v7")));
+        assert!(!p("linux/amd64").matches(&p("linux/arm64")));
+        assert!("linux".parse::<Platform>().is_err());
+        assert!("linux/amd64/v2/x".parse::<Platform>().is_err());
+    }
+
+    #[test]
+    fn repository_basenames() {
+        assert_eq!(
+            repository_basename("ghcr.io/shekohex/hakim-base:latest").as_deref(),
+            Some("hakim-base")
+        );
+        assert_eq!(
+            repository_basename("localhost:5000/x/hakim-js@sha256:abcd").as_deref(),
+            Some("hakim-js")
+        );
+        assert_eq!(repository_basename("hakim-rust").as_deref(), Some("hakim-rust"));
+    }
+}

@@ -1,0 +1,291 @@
+//! A deterministic tar writer for rootfs artifacts: ustar headers with PAX
+//! extended records only where ustar cannot say it (long or non-UTF-8 names and
+//! link targets, large ids, sizes and times, xattrs). Same input → same bytes.
+
+use std::io::{self, Read, Write};
+
+const BLOCK: usize = 512;
+const USTAR_NAME_MAX: usize = 100;
+/// Largest value of an 8-byte octal field (uid, gid, mode).
+const OCTAL7_MAX: u64 = 0o7777777;
+/// Largest value of a 12-byte octal field (size, mtime).
+const OCTAL11_MAX: u64 = 0o77777777777;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutKind {
+    Dir,
+    File,
+    Symlink,
+    Hardlink,
+    Fifo,
+}
+
+/// One member to write. `name` is the final member name (`./etc/`, `./bin/sh`).
+pub struct OutEntry<'a> {
+    pub name: &'a [u8],
+    pub kind: OutKind,
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub mtime: u64,
+    pub size: u64,
+    pub link: Option<&'a [u8]>,
+    pub xattrs: &'a [(Box<[u8]>, Box<[u8]>)],
+}
+
+pub struct TarWriter<W: Write> {
+    out: W,
+    written: u64,
+}
+
+fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    // "<len> <key>=<value>\n" where <len> counts itself.
+    let base = key.len() + value.len() + 3;
+    let mut len = base + 1;
+    loop {
+        let next = base + len.to_string().len();
+        if next == len {
+            break;
+        }
+        len = next;
+    }
+    out.extend_from_slice(len.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(key);
+    out.push(b'=');
+    out.extend_from_slice(value);
+    out.push(b'\n');
+}
+
+fn padding(len: u64) -> usize {
+    ((BLOCK as u64 - len % BLOCK as u64) % BLOCK as u64) as usize
+}
+
+impl<W: Write> TarWriter<W> {
+    pub fn new(out: W) -> Self {
+        TarWriter { out, written: 0 }
+    }
+
+    /// Uncompressed bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn header(
+        name: &[u8],
+        ty: tar::EntryType,
+        mode: u32,
+        ids: (u64, u64),
+        size: u64,
+        mtime: u64,
+        link: Option<&[u8]>,
+    ) -> tar::Header {
+        let mut h = tar::Header::new_ustar();
+        {
+            let u = h.as_ustar_mut().expect("ustar header");
+            let n = name.len().min(USTAR_NAME_MAX);
+            u.name[..n].copy_from_slice(&name[..n]);
+            if let Some(link) = link {
+                let n = link.len().min(USTAR_NAME_MAX);
+                u.linkname[..n].copy_from_slice(&link[..n]);
+            }
+        }
+        h.set_entry_type(ty);
+        h.set_mode(mode);
+        h.set_uid(if ids.0 > OCTAL7_MAX { 0 } else { ids.0 });
+        h.set_gid(if ids.1 > OCTAL7_MAX { 0 } else { ids.1 });
+        h.set_size(if size > OCTAL11_MAX { 0 } else { size });
+        h.set_mtime(if mtime > OCTAL11_MAX { 0 } else { mtime });
+        h.set_cksum();
+        h
+    }
+
+    /// Writes the header(s) of an entry. For [`OutKind::File`] the caller then
+    /// writes exactly `size` bytes with [`TarWriter::append_data`].
+    pub fn append(&mut self, e: &OutEntry<'_>) -> io::Result<()> {
+        let mut pax = Vec::new();
+        let mut binary = false;
+        if e.name.len() > USTAR_NAME_MAX {
+            binary |= std::str::from_utf8(e.name).is_err();
+            pax_record(&mut pax, b"path", e.name);
+        }
+        if let Some(link) = e.link {
+            if link.len() > USTAR_NAME_MAX {
+                binary |= std::str::from_utf8(link).is_err();
+                pax_record(&mut pax, b"linkpath", link);
+            }
+        }
+        if e.uid > OCTAL7_MAX {
+            pax_record(&mut pax, b"uid", e.uid.to_string().as_bytes());
+        }
+        if e.gid > OCTAL7_MAX {
+            pax_record(&mut pax, b"gid", e.gid.to_string().as_bytes());
+        }
+        if e.size > OCTAL11_MAX {
+            pax_record(&mut pax, b"size", e.size.to_string().as_bytes());
+        }
+        if e.mtime > OCTAL11_MAX {
+            pax_record(&mut pax, b"mtime", e.mtime.to_string().as_bytes());
+        }
+        for (k, v) in e.xattrs {
+            let mut key = b"SCHILY.xattr.".to_vec();
+            key.extend_from_slice(k);
+            pax_record(&mut pax, &key, v);
+        }
+        if binary {
+            // Names are kept byte-exact; tell readers not to transcode them.
+            let mut with_charset = Vec::new();
+            pax_record(&mut with_charset, b"hdrcharset", b"BINARY");
+            with_charset.extend_from_slice(&pax);
+            pax = with_charset;
+        }
+        if !pax.is_empty() {
+            let h = Self::header(
+                b"././@PaxHeader",
+                tar::EntryType::XHeader,
+                0o644,
+                (0, 0),
+                pax.len() as u64,
+                0,
+                None,
+            );
+            self.put(h.as_bytes())?;
+            self.put(&pax)?;
+            self.put(&[0u8; BLOCK][..padding(pax.len() as u64)])?;
+        }
+        let ty = match e.kind {
+            OutKind::Dir => tar::EntryType::Directory,
+            OutKind::File => tar::EntryType::Regular,
+            OutKind::Symlink => tar::EntryType::Symlink,
+            OutKind::Hardlink => tar::EntryType::Link,
+            OutKind::Fifo => tar::EntryType::Fifo,
+        };
+        let size = if e.kind == OutKind::File { e.size } else { 0 };
+        let h = Self::header(e.name, ty, e.mode, (e.uid, e.gid), size, e.mtime, e.link);
+        self.put(h.as_bytes())
+    }
+
+    /// Copies exactly `size` bytes of file content and pads to a block. `tick` is
+    /// called with each chunk's length (progress, cancellation).
+    pub fn append_data(
+        &mut self,
+        data: &mut dyn Read,
+        size: u64,
+        tick: &mut dyn FnMut(u64) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = data.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("file data ended {left} bytes early"),
+                ));
+            }
+            self.put(&buf[..n])?;
+            left -= n as u64;
+            tick(n as u64)?;
+        }
+        self.put(&[0u8; BLOCK][..padding(size)])
+    }
+
+    /// Writes the end-of-archive marker and returns the inner writer.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.put(&[0u8; BLOCK * 2])?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_record_lengths_count_themselves() {
+        let mut v = Vec::new();
+        pax_record(&mut v, b"path", b"x");
+        assert_eq!(v, b"9 path=x\n");
+        let mut v = Vec::new();
+        pax_record(&mut v, b"path", b"abcd");
+        assert_eq!(v, b"13 path=abcd\n");
+        let mut v = Vec::new();
+        let long = vec![b'a'; 95];
+        pax_record(&mut v, b"path", &long);
+        let text = String::from_utf8(v.clone()).unwrap();
+        let (len, _) = text.split_once(' ').unwrap();
+        assert_eq!(len.parse::<usize>().unwrap(), v.len());
+    }
+
+    #[test]
+    fn round_trips_through_tar_reader() {
+        let long_name = format!("./{}/file", "d".repeat(150));
+        let mut w = TarWriter::new(Vec::new());
+        let xattrs: Vec<(Box<[u8]>, Box<[u8]>)> =
+            vec![(b"user.k"[..].into(), b"\x00\x01v"[..].into())];
+        w.append(&OutEntry {
+            name: long_name.as_bytes(),
+            kind: OutKind::File,
+            mode: 0o4755,
+            uid: 3_000_000,
+            gid: 70000,
+            mtime: 1_700_000_000,
+            size: 3,
+            link: None,
+            xattrs: &xattrs,
+        })
+        .unwrap();
+        w.append_data(&mut &b"abc"[..], 3, &mut |_| Ok(())).unwrap();
+        w.append(&OutEntry {
+            name: b"./\xff-link",
+            kind: OutKind::Symlink,
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size: 0,
+            link: Some(&[b'x'; 120]),
+            xattrs: &[],
+        })
+        .unwrap();
+        let bytes = w.finish().unwrap();
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let mut it = ar.entries().unwrap();
+        let mut e = it.next().unwrap().unwrap();
+        assert_eq!(e.path_bytes().as_ref(), long_name.as_bytes());
+        assert_eq!(e.header().uid().unwrap(), 3_000_000);
+        assert_eq!(e.header().gid().unwrap(), 70000);
+        assert_eq!(e.header().mode().unwrap(), 0o4755);
+        let mut found = false;
+        for ext in e.pax_extensions().unwrap().unwrap() {
+            let ext = ext.unwrap();
+            if ext.key_bytes() == b"SCHILY.xattr.user.k" {
+                assert_eq!(ext.value_bytes(), b"\x00\x01v");
+                found = true;
+            }
+        }
+        assert!(found);
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        assert_eq!(data, b"abc");
+        let e = it.next().unwrap().unwrap();
+        assert_eq!(e.path_bytes().as_ref(), b"./\xff-link");
+        assert_eq!(e.link_name_bytes().unwrap().as_ref(), &[b'x'; 120][..]);
+        assert!(it.next().is_none());
+    }
+
+    #[test]
+    fn short_data_is_an_error() {
+        let mut w = TarWriter::new(Vec::new());
+        let err = w.append_data(&mut &b"ab"[..], 3, &mut |_| Ok(())).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
