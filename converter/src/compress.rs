@@ -72,10 +72,9 @@ impl<W: Write> Encoder<W> {
                 enc.include_checksum(true)?;
                 Encoder::Zstd(enc)
             }
-            OutputCompression::Gzip => Encoder::Gzip(flate2::GzBuilder::new().write(
-                out,
-                flate2::Compression::new(level.min(9)),
-            )),
+            OutputCompression::Gzip => Encoder::Gzip(
+                flate2::GzBuilder::new().write(out, flate2::Compression::new(level.min(9))),
+            ),
             OutputCompression::None => Encoder::None(out),
         })
     }
@@ -126,10 +125,16 @@ mod tests {
         let mut data = Vec::new();
         let mut x: u64 = 1;
         while data.len() < 50 << 20 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             data.extend_from_slice(format!("line {} {}\n", x % 1000, x >> 60).as_bytes());
         }
-        for kind in [OutputCompression::Xz, OutputCompression::Zstd, OutputCompression::Gzip] {
+        for kind in [
+            OutputCompression::Xz,
+            OutputCompression::Zstd,
+            OutputCompression::Gzip,
+        ] {
             let one = compress(kind, 1, &data);
             let four = compress(kind, 4, &data);
             assert!(one == four, "{kind:?} output depends on thread count");

@@ -55,7 +55,11 @@ impl FromStr for Digest {
         if alg != "sha256" {
             return Err(DigestError::Unsupported(s.to_string()));
         }
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(DigestError::BadHex(s.to_string()));
         }
         Ok(Digest {

@@ -222,7 +222,9 @@ pub struct Member {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberKind {
     Dir,
-    File { size: u64 },
+    File {
+        size: u64,
+    },
     Symlink(Box<[u8]>),
     Hardlink(RelPath),
     Fifo,
@@ -242,9 +244,16 @@ pub fn parse_member(entry: &mut LayerEntry<'_>) -> Result<Member> {
     let shown = lossy(&raw_name);
     let header = entry.header();
     let ty = header.entry_type();
-    let mode = header.mode().map_err(|e| anyhow!("entry '{shown}': bad mode: {e}"))? & 0o7777;
-    let uid = header.uid().map_err(|e| anyhow!("entry '{shown}': bad uid: {e}"))?;
-    let gid = header.gid().map_err(|e| anyhow!("entry '{shown}': bad gid: {e}"))?;
+    let mode = header
+        .mode()
+        .map_err(|e| anyhow!("entry '{shown}': bad mode: {e}"))?
+        & 0o7777;
+    let uid = header
+        .uid()
+        .map_err(|e| anyhow!("entry '{shown}': bad uid: {e}"))?;
+    let gid = header
+        .gid()
+        .map_err(|e| anyhow!("entry '{shown}': bad gid: {e}"))?;
     let mut mtime = header.mtime().unwrap_or(0);
     let link = entry.link_name_bytes().map(|l| l.into_owned());
 
@@ -260,14 +269,19 @@ pub fn parse_member(entry: &mut LayerEntry<'_>) -> Result<Member> {
                 // PAX mtimes may be fractional or negative; keep whole seconds ≥ 0.
                 let v = lossy(ext.value_bytes());
                 let whole = v.split('.').next().unwrap_or("0");
-                mtime = whole.parse::<i64>().map(|t| t.max(0) as u64).unwrap_or(mtime);
+                mtime = whole
+                    .parse::<i64>()
+                    .map(|t| t.max(0) as u64)
+                    .unwrap_or(mtime);
             } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
                 xattrs.push((name.into(), ext.value_bytes().into()));
             } else if let Some(name) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
                 let name = percent_decode(name);
                 let value = base64::engine::general_purpose::STANDARD_NO_PAD
                     .decode(ext.value_bytes().trim_ascii_end().trim_ascii_end())
-                    .or_else(|_| base64::engine::general_purpose::STANDARD.decode(ext.value_bytes()))
+                    .or_else(|_| {
+                        base64::engine::general_purpose::STANDARD.decode(ext.value_bytes())
+                    })
                     .map_err(|e| anyhow!("entry '{shown}': bad LIBARCHIVE.xattr value: {e}"))?;
                 xattrs.push((name.into(), value.into()));
             } else if key.starts_with(b"GNU.sparse.") {
@@ -308,7 +322,8 @@ pub fn parse_member(entry: &mut LayerEntry<'_>) -> Result<Member> {
                 .into(),
         ),
         T::Link => {
-            let target = link.ok_or_else(|| anyhow!("entry '{shown}': hardlink without a target"))?;
+            let target =
+                link.ok_or_else(|| anyhow!("entry '{shown}': hardlink without a target"))?;
             let target = RelPath::parse(&target).map_err(|e| {
                 anyhow!("entry '{shown}': hardlink target '{}': {e}", lossy(&target))
             })?;
@@ -324,7 +339,10 @@ pub fn parse_member(entry: &mut LayerEntry<'_>) -> Result<Member> {
             MemberKind::BlockDevice(a, b)
         }
         T::XGlobalHeader => MemberKind::Ignored("PAX global header".into()),
-        other => MemberKind::Ignored(format!("unsupported tar member type {:?}", other.as_byte() as char)),
+        other => MemberKind::Ignored(format!(
+            "unsupported tar member type {:?}",
+            other.as_byte() as char
+        )),
     };
     Ok(Member {
         path,
@@ -358,7 +376,10 @@ mod tests {
     #[test]
     fn sniffs_magic() {
         assert_eq!(Compression::sniff(&[0x1f, 0x8b, 8]), Compression::Gzip);
-        assert_eq!(Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd]), Compression::Zstd);
+        assert_eq!(
+            Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd]),
+            Compression::Zstd
+        );
         assert_eq!(Compression::sniff(b"\xfd7zXZ\0"), Compression::Xz);
         assert_eq!(Compression::sniff(b"etc/"), Compression::Plain);
         assert_eq!(Compression::sniff(b""), Compression::Plain);
@@ -371,7 +392,10 @@ mod tests {
         assert_eq!(m("application/vnd.oci.image.layer.v1.tar+gzip"), Some(Gzip));
         assert_eq!(m("application/vnd.oci.image.layer.v1.tar+zstd"), Some(Zstd));
         assert_eq!(m("application/vnd.oci.image.layer.v1.tar"), Some(Plain));
-        assert_eq!(m("application/vnd.docker.image.rootfs.diff.tar.gzip"), Some(Gzip));
+        assert_eq!(
+            m("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Some(Gzip)
+        );
         assert_eq!(m("application/octet-stream"), None);
     }
 

@@ -7,9 +7,13 @@
 //! a temporary name by [`output`].
 
 pub mod compress;
+pub mod convert;
 pub mod digest;
+pub mod flatten;
 pub mod layer;
+pub mod output;
 pub mod path;
+pub mod sample;
 pub mod source;
 pub mod tarout;
 pub mod tree;

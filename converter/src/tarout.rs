@@ -285,7 +285,9 @@ mod tests {
     #[test]
     fn short_data_is_an_error() {
         let mut w = TarWriter::new(Vec::new());
-        let err = w.append_data(&mut &b"ab"[..], 3, &mut |_| Ok(())).unwrap_err();
+        let err = w
+            .append_data(&mut &b"ab"[..], 3, &mut |_| Ok(()))
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -136,7 +136,10 @@ impl Tree {
     }
 
     fn is_dir(&self, node: NodeId) -> bool {
-        matches!(self.inodes[self.nodes[node as usize].inode as usize].kind, Kind::Dir)
+        matches!(
+            self.inodes[self.nodes[node as usize].inode as usize].kind,
+            Kind::Dir
+        )
     }
 
     fn new_inode(&mut self, inode: Inode) -> InodeId {
@@ -186,7 +189,10 @@ impl Tree {
                 cur = self.nodes[cur as usize].parent;
                 continue;
             }
-            let child = self.nodes[cur as usize].children.get(part.as_slice()).copied();
+            let child = self.nodes[cur as usize]
+                .children
+                .get(part.as_slice())
+                .copied();
             let Some(child) = child else {
                 if !create {
                     return Ok(None);
@@ -270,7 +276,8 @@ impl Tree {
                 stack.extend(self.nodes[n as usize].children.values().copied());
             } else {
                 let key = self.path_of(n).to_bytes();
-                self.removed_this_layer.insert(key, self.nodes[n as usize].inode);
+                self.removed_this_layer
+                    .insert(key, self.nodes[n as usize].inode);
             }
         }
     }
@@ -485,7 +492,12 @@ mod tests {
         t.insert(&p("d/sub/g"), file(1, 0)).unwrap();
         assert_eq!(
             listing(&t),
-            [". dir 755", "d dir 755", "d/sub dir 755", "d/sub/g file 1:0"]
+            [
+                ". dir 755",
+                "d dir 755",
+                "d/sub dir 755",
+                "d/sub/g file 1:0"
+            ]
         );
     }
 

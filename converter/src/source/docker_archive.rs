@@ -41,7 +41,11 @@ fn digest_in_name(name: &str) -> Option<Digest> {
     format!("sha256:{hex}").parse().ok()
 }
 
-pub fn open(file: &str, selector: Option<&str>, platform: Option<&Platform>) -> Result<ResolvedImage> {
+pub fn open(
+    file: &str,
+    selector: Option<&str>,
+    platform: Option<&Platform>,
+) -> Result<ResolvedImage> {
     let index = Arc::new(TarIndex::scan(Path::new(file))?);
     if !index.contains("manifest.json") {
         bail!("{file} is not a docker-archive (no manifest.json member)");
@@ -54,21 +58,31 @@ pub fn open(file: &str, selector: Option<&str>, platform: Option<&Platform>) -> 
             let n: usize = sel[1..]
                 .parse()
                 .map_err(|_| anyhow!("{file}: bad image index '{sel}'"))?;
-            saved
-                .get(n)
-                .ok_or_else(|| anyhow!("{file}: no image @{n} (the archive holds {})", saved.len()))?
+            saved.get(n).ok_or_else(|| {
+                anyhow!("{file}: no image @{n} (the archive holds {})", saved.len())
+            })?
         }
         Some(sel) => saved
             .iter()
-            .find(|s| tags_of(s).iter().any(|t| t == sel || t.ends_with(&format!("/{sel}"))))
+            .find(|s| {
+                tags_of(s)
+                    .iter()
+                    .any(|t| t == sel || t.ends_with(&format!("/{sel}")))
+            })
             .ok_or_else(|| {
                 let all: Vec<String> = saved.iter().flat_map(tags_of).collect();
-                anyhow!("{file}: no image '{sel}'; the archive holds: {}", all.join(", "))
+                anyhow!(
+                    "{file}: no image '{sel}'; the archive holds: {}",
+                    all.join(", ")
+                )
             })?,
         None => match saved.as_slice() {
             [one] => one,
             [] => bail!("{file}: the archive holds no images"),
-            _ => bail!("{file}: holds {} images; name one with :NAME:TAG or @INDEX", saved.len()),
+            _ => bail!(
+                "{file}: holds {} images; name one with :NAME:TAG or @INDEX",
+                saved.len()
+            ),
         },
     };
     let config_json = index.read(&chosen.config, 32 << 20)?;
@@ -110,20 +124,29 @@ pub fn open(file: &str, selector: Option<&str>, platform: Option<&Platform>) -> 
             .ok_or_else(|| anyhow!("{file}: layer {} ('{path}') is missing", i + 1))?;
         layers.push(LayerDesc {
             index: i,
-            digest: if path.starts_with("blobs/") { digest_in_name(path) } else { None },
+            digest: if path.starts_with("blobs/") {
+                digest_in_name(path)
+            } else {
+                None
+            },
             size: Some(size),
             media_type: "application/vnd.docker.image.rootfs.diff.tar".into(),
-            diff_id: diff_id.parse().map_err(|e| anyhow!("config diff_id {}: {e}", i + 1))?,
+            diff_id: diff_id
+                .parse()
+                .map_err(|e| anyhow!("config diff_id {}: {e}", i + 1))?,
         });
     }
     let first_tag = tags_of(chosen).into_iter().next();
     Ok(ResolvedImage {
         reference: file.to_string(),
-        repository: first_tag.as_deref().and_then(repository_basename).or_else(|| {
-            Path::new(file)
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-        }),
+        repository: first_tag
+            .as_deref()
+            .and_then(repository_basename)
+            .or_else(|| {
+                Path::new(file)
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+            }),
         tag: first_tag.and_then(|t| t.rsplit_once(':').map(|(_, t)| t.to_string())),
         manifest_digest: None,
         config_digest: Some(config_digest),

@@ -61,7 +61,10 @@ fn read_verified(
     }
     if let Some(size) = size {
         if size != bytes.len() as u64 {
-            bail!("{what} {digest}: {} bytes but the descriptor says {size}", bytes.len());
+            bail!(
+                "{what} {digest}: {} bytes but the descriptor says {size}",
+                bytes.len()
+            );
         }
     }
     Ok(bytes)
@@ -119,8 +122,8 @@ pub fn resolve(
             OCI_INDEX | DOCKER_LIST => {
                 let index: ImageIndex = serde_json::from_slice(&bytes)
                     .with_context(|| format!("index {digest} is malformed"))?;
-                let chosen = choose_platform(&index, wanted)
-                    .with_context(|| format!("index {digest}"))?;
+                let chosen =
+                    choose_platform(&index, wanted).with_context(|| format!("index {digest}"))?;
                 digest = chosen.digest().as_ref().parse()?;
                 size = Some(chosen.size());
                 media_type = Some(chosen.media_type().to_string());
@@ -133,7 +136,9 @@ pub fn resolve(
                  re-push the image with a current client to get a v2 manifest"
             ),
             other => {
-                warnings.push(format!("manifest {digest} has unexpected media type {other}"));
+                warnings.push(format!(
+                    "manifest {digest} has unexpected media type {other}"
+                ));
                 return resolve_manifest(blobs, digest, &bytes, want, wanted, warnings);
             }
         }
@@ -228,7 +233,10 @@ fn resolve_manifest(
     for (index, (d, diff_id)) in manifest.layers().iter().zip(diff_ids).enumerate() {
         let mt = d.media_type().to_string();
         if !is_layer_media_type(&mt) {
-            bail!("layer {} has media type {mt}, which is not a filesystem layer", index + 1);
+            bail!(
+                "layer {} has media type {mt}, which is not a filesystem layer",
+                index + 1
+            );
         }
         layers.push(LayerDesc {
             index,

@@ -116,9 +116,18 @@ pub struct ResolvedImage {
 /// The transports this build understands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
-    OciLayout { dir: String, tag: Option<String> },
-    OciArchive { file: String, tag: Option<String> },
-    DockerArchive { file: String, selector: Option<String> },
+    OciLayout {
+        dir: String,
+        tag: Option<String>,
+    },
+    OciArchive {
+        file: String,
+        tag: Option<String>,
+    },
+    DockerArchive {
+        file: String,
+        selector: Option<String>,
+    },
 }
 
 impl FromStr for Transport {
@@ -144,7 +153,9 @@ impl FromStr for Transport {
             let (file, selector) = split(rest);
             return Ok(Transport::DockerArchive { file, selector });
         }
-        if s.starts_with("docker://") || s.contains('/') && !s.starts_with('/') && !s.starts_with('.') {
+        if s.starts_with("docker://")
+            || s.contains('/') && !s.starts_with('/') && !s.starts_with('.')
+        {
             bail!(
                 "'{s}': pulling from registries is not in this build yet; \
                  export the image first (skopeo copy docker://… oci:DIR:TAG) and use oci:DIR:TAG"
@@ -201,7 +212,9 @@ mod tests {
             }
         );
         assert_eq!(
-            "docker-archive:a.tar:hakim-base:1".parse::<Transport>().unwrap(),
+            "docker-archive:a.tar:hakim-base:1"
+                .parse::<Transport>()
+                .unwrap(),
             Transport::DockerArchive {
                 file: "a.tar".into(),
                 selector: Some("hakim-base:1".into())
@@ -233,6 +246,9 @@ mod tests {
             repository_basename("localhost:5000/x/hakim-js@sha256:abcd").as_deref(),
             Some("hakim-js")
         );
-        assert_eq!(repository_basename("hakim-rust").as_deref(), Some("hakim-rust"));
+        assert_eq!(
+            repository_basename("hakim-rust").as_deref(),
+            Some("hakim-rust")
+        );
     }
 }

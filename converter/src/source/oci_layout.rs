@@ -74,7 +74,13 @@ pub fn open(dir: &str, tag: Option<&str>, platform: Option<&Platform>) -> Result
         .canonicalize()
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-    open_with(Arc::new(DirFiles(path.to_path_buf())), dir, stem, tag, platform)
+    open_with(
+        Arc::new(DirFiles(path.to_path_buf())),
+        dir,
+        stem,
+        tag,
+        platform,
+    )
 }
 
 /// Resolves an image from a layout's files. `fallback_name` names the artifact
@@ -108,9 +114,7 @@ pub fn open_with(
         Some(tag) => {
             let found: Vec<_> = descriptors
                 .iter()
-                .filter(|d| {
-                    name_of(d).is_some_and(|n| n == tag || n.ends_with(&format!(":{tag}")))
-                })
+                .filter(|d| name_of(d).is_some_and(|n| n == tag || n.ends_with(&format!(":{tag}"))))
                 .collect();
             match found.as_slice() {
                 [one] => *one,

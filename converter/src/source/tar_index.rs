@@ -37,8 +37,12 @@ impl TarIndex {
             .entries()
             .with_context(|| format!("{}: not a tar archive", path.display()))?
         {
-            let entry = entry.with_context(|| format!("{}: corrupt tar archive", path.display()))?;
-            if !matches!(entry.header().entry_type(), tar::EntryType::Regular | tar::EntryType::Continuous) {
+            let entry =
+                entry.with_context(|| format!("{}: corrupt tar archive", path.display()))?;
+            if !matches!(
+                entry.header().entry_type(),
+                tar::EntryType::Regular | tar::EntryType::Continuous
+            ) {
                 continue;
             }
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
@@ -71,7 +75,10 @@ impl TarIndex {
 
     pub fn read(&self, name: &str, max: u64) -> Result<Vec<u8>> {
         if self.size(name).unwrap_or(0) > max {
-            bail!("{}: member '{name}' is larger than {max} bytes", self.path.display());
+            bail!(
+                "{}: member '{name}' is larger than {max} bytes",
+                self.path.display()
+            );
         }
         let mut out = Vec::new();
         self.open(name)?.read_to_end(&mut out)?;

@@ -1,0 +1,267 @@
+//! The `convert` job: source → verified, flattened, compressed rootfs artifact
+//! plus its `sha256sums.txt` line, and a summary for humans and CI.
+
+use std::fs;
+use std::io::{self, BufWriter};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::compress::{Encoder, OutputCompression};
+use crate::flatten::{self, EmitOptions, EmitStats};
+use crate::layer::Compression;
+use crate::output::{self, HashWrite, PendingFile};
+use crate::source::{self, Platform};
+use crate::tarout::TarWriter;
+use crate::tree::Kind;
+
+/// `ID`s Proxmox's container setup recognises; anything else needs `ostype: unmanaged`.
+const PVE_KNOWN_OS_IDS: &[&str] = &[
+    "debian",
+    "devuan",
+    "ubuntu",
+    "centos",
+    "fedora",
+    "opensuse",
+    "opensuse-leap",
+    "opensuse-tumbleweed",
+    "archlinux",
+    "arch",
+    "alpine",
+    "gentoo",
+    "nixos",
+    "almalinux",
+    "rocky",
+    "rhel",
+];
+
+pub struct ConvertOptions {
+    pub source: String,
+    pub output_dir: PathBuf,
+    pub platform: Option<Platform>,
+    pub compression: OutputCompression,
+    pub level: Option<u32>,
+    /// Compression threads; `None` = all cores. Never changes the output bytes.
+    pub threads: Option<u32>,
+    /// Whole artifact file name without extension.
+    pub name: Option<String>,
+    pub variant: Option<String>,
+    pub release: Option<String>,
+    /// `SOURCE_DATE_EPOCH`.
+    pub source_date_epoch: Option<u64>,
+    /// Set (e.g. by a signal handler) to abort; the partial file is removed.
+    pub cancel: Arc<AtomicBool>,
+    /// Show a progress bar (only effective on a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct LayerSummary {
+    pub digest: Option<String>,
+    pub diff_id: String,
+    pub compression: Compression,
+    pub compressed_bytes: u64,
+    pub uncompressed_bytes: u64,
+    pub members: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct SourceSummary {
+    pub reference: String,
+    pub repository: Option<String>,
+    pub tag: Option<String>,
+    pub manifest_digest: Option<String>,
+    pub config_digest: Option<String>,
+    pub platform: String,
+    pub os_id: Option<String>,
+    pub layers: Vec<LayerSummary>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Summary {
+    pub artifact: PathBuf,
+    pub file_name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub sums_file: PathBuf,
+    pub format: &'static str,
+    pub compression: OutputCompression,
+    pub level: u32,
+    pub source: SourceSummary,
+    pub entries: EmitStats,
+    pub warnings: Vec<String>,
+    pub seconds: f64,
+}
+
+fn cancelled(flag: &AtomicBool) -> io::Result<()> {
+    if flag.load(Ordering::Relaxed) {
+        Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"))
+    } else {
+        Ok(())
+    }
+}
+
+pub fn convert(opts: &ConvertOptions) -> Result<Summary> {
+    let started = Instant::now();
+    if let Some(name) = &opts.name {
+        output::check_file_name(name)?;
+    }
+    let image = source::open(&opts.source, opts.platform.as_ref())?;
+    cancelled(&opts.cancel)?;
+    let mut index = flatten::index_layers(&image, opts.source_date_epoch.unwrap_or(0))?;
+    cancelled(&opts.cancel)?;
+    let mut warnings = std::mem::take(&mut index.warnings);
+
+    let os_release = index
+        .captured_file("etc/os-release")
+        .or_else(|| index.captured_file("usr/lib/os-release"));
+    let os_id = os_release
+        .as_deref()
+        .and_then(|t| output::os_release_field(t, "ID"));
+    match &os_id {
+        None => warnings.push(
+            "no /etc/os-release: Proxmox cannot detect the distribution (use ostype unmanaged)"
+                .into(),
+        ),
+        Some(id) if !PVE_KNOWN_OS_IDS.contains(&id.as_str()) => warnings.push(format!(
+            "os-release ID '{id}' is not one Proxmox manages; create the container with ostype unmanaged"
+        )),
+        Some(_) => {}
+    }
+    let release = match &opts.release {
+        Some(r) => r.clone(),
+        None => os_release
+            .as_deref()
+            .and_then(|t| {
+                output::os_release_field(t, "VERSION_CODENAME")
+                    .or_else(|| output::os_release_field(t, "VERSION_ID"))
+            })
+            .unwrap_or_else(|| {
+                warnings.push("no VERSION_CODENAME in os-release; release named 'unknown'".into());
+                "unknown".into()
+            }),
+    };
+    let arch = output::arch_name(
+        &image.platform.architecture,
+        image.platform.variant.as_deref(),
+    );
+    let stem = match &opts.name {
+        Some(n) => n.clone(),
+        None => {
+            let repo = image.repository.clone().unwrap_or_else(|| "image".into());
+            output::artifact_stem(&repo, opts.variant.as_deref(), &release, &arch)
+        }
+    };
+    let file_name = format!("{stem}{}", opts.compression.extension());
+    output::check_file_name(&file_name)?;
+
+    fs::create_dir_all(&opts.output_dir)
+        .with_context(|| format!("cannot create {}", opts.output_dir.display()))?;
+    let final_path = opts.output_dir.join(&file_name);
+    let level = opts.level.unwrap_or(opts.compression.default_level());
+    if opts.compression == OutputCompression::Xz && level > 9
+        || opts.compression == OutputCompression::Zstd && !(1..=22).contains(&level)
+        || opts.compression == OutputCompression::Gzip && level > 9
+    {
+        bail!("level {level} is out of range for {:?}", opts.compression);
+    }
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+
+    // Progress over the bytes of file content to copy.
+    let mut total = 0u64;
+    let mut seen = std::collections::HashSet::new();
+    index.tree.visit(|_, _, id| {
+        if let Kind::File { size, .. } = index.tree.inode(id).kind {
+            if seen.insert(id) {
+                total += size;
+            }
+        }
+    });
+    drop(seen);
+    let bar = if opts.progress {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("writing {file_name}"));
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    let pending = PendingFile::create(&opts.output_dir)?;
+    let hashed = HashWrite::new(pending.file());
+    let encoder = Encoder::new(opts.compression, level, threads, hashed)?;
+    let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, encoder));
+    let cancel = opts.cancel.clone();
+    let mut tick = |n: u64| {
+        bar.inc(n);
+        cancelled(&cancel)
+    };
+    let (stats, emit_warnings) = flatten::emit(
+        &image,
+        &mut index,
+        &EmitOptions {
+            clamp_mtime: opts.source_date_epoch,
+        },
+        &mut tar,
+        &mut tick,
+    )?;
+    warnings.extend(emit_warnings);
+    let encoder = tar
+        .finish()
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .context("cannot write the artifact")?;
+    let hashed = encoder.finish().context("cannot finish compression")?;
+    let (sha256, size, _) = hashed.finish();
+    bar.finish_and_clear();
+    cancelled(&opts.cancel)?;
+    pending.commit(&final_path)?;
+    let sums_file = output::update_sums(&opts.output_dir, &file_name, &sha256)?;
+
+    let layers = image
+        .layers
+        .iter()
+        .zip(&index.layers)
+        .map(|(d, s)| LayerSummary {
+            digest: d.digest.as_ref().map(|d| d.to_string()),
+            diff_id: d.diff_id.to_string(),
+            compression: s.compression,
+            compressed_bytes: s.compressed_bytes,
+            uncompressed_bytes: s.uncompressed_bytes,
+            members: s.members,
+        })
+        .collect();
+    Ok(Summary {
+        artifact: final_path,
+        file_name,
+        size,
+        sha256,
+        sums_file,
+        format: "rootfs",
+        compression: opts.compression,
+        level,
+        source: SourceSummary {
+            reference: image.reference.clone(),
+            repository: image.repository.clone(),
+            tag: image.tag.clone(),
+            manifest_digest: image.manifest_digest.as_ref().map(|d| d.to_string()),
+            config_digest: image.config_digest.as_ref().map(|d| d.to_string()),
+            platform: image.platform.to_string(),
+            os_id,
+            layers,
+        },
+        entries: stats,
+        warnings,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

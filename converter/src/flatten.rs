@@ -1,0 +1,425 @@
+//! Flattening: pass 1 indexes every layer into the merged [`Tree`]; pass 2 writes
+//! the rootfs tar.
+//!
+//! Output order (all deterministic):
+//! 1. `./`, then every directory, symlink and fifo in a pre-order walk of the
+//!    final tree (a directory always precedes its contents);
+//! 2. regular files in layer order, each followed directly by the hardlinks that
+//!    share its inode (so a link's target always comes first).
+//!
+//! No unpacked rootfs touches the disk: file bytes are copied from the layer
+//! streams, which are read a second time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read, Write};
+
+use anyhow::{anyhow, Context, Result};
+
+use crate::layer::{self, LayerStats, MemberKind};
+use crate::path::RelPath;
+use crate::source::ResolvedImage;
+use crate::tarout::{OutEntry, OutKind, TarWriter};
+use crate::tree::{Inode, InodeId, Kind, NodeId, Source, Tree};
+use crate::whiteout::Role;
+
+/// Small files whose content pass 1 keeps (to name and check the artifact).
+const CAPTURED_NAMES: &[&[u8]] = &[b"os-release"];
+const CAPTURE_MAX: u64 = 64 << 10;
+/// Xattrs Proxmox's extraction keeps (`--xattrs-include`); the rest are dropped.
+fn xattr_survives(name: &[u8]) -> bool {
+    name.starts_with(b"user.") || name == b"security.capability"
+}
+
+/// The result of pass 1.
+pub struct Index {
+    pub tree: Tree,
+    pub layers: Vec<LayerStats>,
+    captured: HashMap<Source, Vec<u8>>,
+    pub warnings: Vec<String>,
+}
+
+impl Index {
+    /// Content of a small captured file reached by `path` (symlinks followed).
+    pub fn captured_file(&mut self, path: &str) -> Option<Vec<u8>> {
+        let path = RelPath::parse(path.as_bytes()).ok()?;
+        let node = self.tree.resolve(&path).ok()??;
+        match &self.tree.inode(self.tree.node_inode(node)).kind {
+            Kind::File { source, .. } => self.captured.get(source).cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// Keeps the warning list readable: at most a few examples per kind.
+struct WarningSink {
+    out: Vec<String>,
+    counts: BTreeMap<&'static str, usize>,
+}
+
+impl WarningSink {
+    fn new() -> Self {
+        WarningSink {
+            out: Vec::new(),
+            counts: BTreeMap::new(),
+        }
+    }
+    fn add(&mut self, kind: &'static str, msg: String) {
+        let n = self.counts.entry(kind).or_default();
+        *n += 1;
+        if *n <= 5 {
+            self.out.push(msg);
+        }
+    }
+    fn finish(mut self) -> Vec<String> {
+        for (kind, n) in self.counts {
+            if n > 5 {
+                self.out.push(format!("… and {} more: {kind}", n - 5));
+            }
+        }
+        self.out
+    }
+}
+
+/// Pass 1: reads every layer (bottom first), verifying sizes, digests and
+/// diff_ids, and builds the merged tree. Nothing is written.
+pub fn index_layers(image: &ResolvedImage, implicit_mtime: u64) -> Result<Index> {
+    let mut tree = Tree::new(implicit_mtime);
+    let mut warnings = image.warnings.clone();
+    let mut captured = HashMap::new();
+    let mut stats = Vec::with_capacity(image.layers.len());
+    for desc in &image.layers {
+        let label = desc.label();
+        let blob = image.blobs.open_layer(desc)?;
+        let mut members = Vec::new();
+        let layer_index = desc.index as u32;
+        let st = layer::read_layer(blob, desc, &mut warnings, |ordinal, entry| {
+            let member = layer::parse_member(entry)
+                .with_context(|| format!("{label}: member #{ordinal}"))?;
+            if let MemberKind::File { size } = member.kind {
+                let name = member.path.file_name().unwrap_or_default();
+                if size <= CAPTURE_MAX && CAPTURED_NAMES.contains(&name) {
+                    let mut buf = Vec::new();
+                    entry
+                        .read_to_end(&mut buf)
+                        .with_context(|| format!("{label}: cannot read '{}'", member.path))?;
+                    captured.insert(
+                        Source {
+                            layer: layer_index,
+                            ordinal,
+                        },
+                        buf,
+                    );
+                }
+            }
+            members.push((ordinal, member));
+            Ok(())
+        })?;
+        stats.push(st);
+
+        tree.begin_layer();
+        // Whiteouts and opaque markers act on lower layers only, wherever they sit
+        // in this layer: apply them all before any of this layer's members.
+        for (ordinal, m) in &members {
+            let ctx = || format!("{label}: member #{ordinal} '{}'", m.path);
+            match &m.role {
+                Role::Whiteout { dir, name } => {
+                    tree.whiteout(dir, name).with_context(ctx)?;
+                }
+                Role::Opaque { dir } => tree.opaque(dir).with_context(ctx)?,
+                Role::Plain | Role::AufsMeta => {}
+            }
+        }
+        for (ordinal, m) in members {
+            let ctx = || format!("{label}: member #{ordinal} '{}'", m.path);
+            match m.role {
+                Role::Plain => {}
+                Role::AufsMeta => {
+                    warnings.push(format!("{label}: skipped AUFS metadata '{}'", m.path));
+                    continue;
+                }
+                Role::Whiteout { .. } | Role::Opaque { .. } => continue,
+            }
+            let kind = match m.kind {
+                MemberKind::Dir => Kind::Dir,
+                MemberKind::File { size } => Kind::File {
+                    source: Source {
+                        layer: layer_index,
+                        ordinal,
+                    },
+                    size,
+                },
+                MemberKind::Symlink(t) => Kind::Symlink(t),
+                MemberKind::Fifo => Kind::Fifo,
+                MemberKind::CharDevice(a, b) => Kind::CharDevice(a, b),
+                MemberKind::BlockDevice(a, b) => Kind::BlockDevice(a, b),
+                MemberKind::Hardlink(target) => {
+                    tree.link(&m.path, &target).with_context(ctx)?;
+                    continue;
+                }
+                MemberKind::Ignored(why) => {
+                    warnings.push(format!(
+                        "{label}: member #{ordinal} '{}': {why}; skipped",
+                        m.path
+                    ));
+                    continue;
+                }
+            };
+            tree.insert(&m.path, Inode { kind, meta: m.meta })
+                .with_context(ctx)?;
+        }
+        for note in tree.notes.drain(..) {
+            warnings.push(format!("{label}: {note}"));
+        }
+    }
+    Ok(Index {
+        tree,
+        layers: stats,
+        captured,
+        warnings,
+    })
+}
+
+/// Counts reported in the summary.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct EmitStats {
+    pub entries: u64,
+    pub directories: u64,
+    pub files: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    pub fifos: u64,
+    pub devices_dropped: u64,
+    pub xattrs_dropped: u64,
+    pub file_bytes: u64,
+    pub tar_bytes: u64,
+}
+
+/// Options for pass 2.
+pub struct EmitOptions {
+    /// `SOURCE_DATE_EPOCH`: no mtime in the output is later than this.
+    pub clamp_mtime: Option<u64>,
+}
+
+fn member_name(path: &RelPath, dir: bool) -> Vec<u8> {
+    let mut name = b"./".to_vec();
+    if !path.is_root() {
+        name.extend_from_slice(&path.to_bytes());
+        if dir {
+            name.push(b'/');
+        }
+    }
+    name
+}
+
+/// The xattrs that reach the artifact; reports dropped ones and ids an
+/// unprivileged container cannot map.
+fn filtered_xattrs(
+    path: &RelPath,
+    inode: &Inode,
+    stats: &mut EmitStats,
+    warns: &mut WarningSink,
+) -> Vec<(Box<[u8]>, Box<[u8]>)> {
+    let mut kept = Vec::new();
+    for (k, v) in inode.meta.xattrs.iter() {
+        if xattr_survives(k) {
+            kept.push((k.clone(), v.clone()));
+        } else {
+            stats.xattrs_dropped += 1;
+            warns.add(
+                "xattrs dropped",
+                format!(
+                    "'{path}': xattr {} dropped (Proxmox keeps only user.* and security.capability)",
+                    String::from_utf8_lossy(k)
+                ),
+            );
+        }
+    }
+    if inode.meta.uid >= 65536 || inode.meta.gid >= 65536 {
+        warns.add(
+            "ids >= 65536",
+            format!(
+                "'{path}': owner {}:{} is outside an unprivileged container's 65536 ids",
+                inode.meta.uid, inode.meta.gid
+            ),
+        );
+    }
+    kept
+}
+
+/// Pass 2: writes the flattened tree as a tar to `out`. `tick` sees every chunk
+/// of file data (progress; returning an error aborts, e.g. on Ctrl-C).
+pub fn emit<W: Write>(
+    image: &ResolvedImage,
+    index: &mut Index,
+    opts: &EmitOptions,
+    out: &mut TarWriter<W>,
+    tick: &mut dyn FnMut(u64) -> io::Result<()>,
+) -> Result<(EmitStats, Vec<String>)> {
+    let tree = &index.tree;
+    let mut stats = EmitStats::default();
+    let mut warns = WarningSink::new();
+    let clamp = |t: u64| opts.clamp_mtime.map_or(t, |c| t.min(c));
+
+    // Link counts of non-directory inodes, and every regular-file name keyed by
+    // the member that holds its bytes (visit order = sorted, so the first name of
+    // a group is its smallest).
+    let mut nlink: HashMap<InodeId, u32> = HashMap::new();
+    let mut files: Vec<(Source, u64, NodeId)> = Vec::new();
+    let mut visit_no = 0u64;
+    tree.visit(|_, node, inode| {
+        visit_no += 1;
+        match &tree.inode(inode).kind {
+            Kind::Dir => {}
+            Kind::File { source, .. } => files.push((*source, visit_no, node)),
+            _ => *nlink.entry(inode).or_default() += 1,
+        }
+    });
+    files.sort_unstable();
+
+    // Phase A: directories, symlinks, fifos.
+    let mut first_name: HashMap<InodeId, Vec<u8>> = HashMap::new();
+    let mut result: io::Result<()> = Ok(());
+    tree.visit(|path, _, id| {
+        if result.is_err() {
+            return;
+        }
+        let inode = tree.inode(id);
+        let (kind, link): (OutKind, Option<&[u8]>) = match &inode.kind {
+            Kind::Dir => (OutKind::Dir, None),
+            Kind::Symlink(t) => (OutKind::Symlink, Some(t)),
+            Kind::Fifo => (OutKind::Fifo, None),
+            Kind::File { .. } => return,
+            Kind::CharDevice(..) | Kind::BlockDevice(..) => {
+                stats.devices_dropped += 1;
+                warns.add(
+                    "device nodes dropped",
+                    format!("'{path}': device node dropped (LXC provides /dev)"),
+                );
+                return;
+            }
+        };
+        let name = member_name(path, kind == OutKind::Dir);
+        if let Some(first) = first_name.get(&id) {
+            stats.hardlinks += 1;
+            stats.entries += 1;
+            result = out.append(&OutEntry {
+                name: &name,
+                kind: OutKind::Hardlink,
+                mode: inode.meta.mode,
+                uid: inode.meta.uid,
+                gid: inode.meta.gid,
+                mtime: clamp(inode.meta.mtime),
+                size: 0,
+                link: Some(first),
+                xattrs: &[],
+            });
+            return;
+        }
+        let xattrs = filtered_xattrs(path, inode, &mut stats, &mut warns);
+        match kind {
+            OutKind::Dir => stats.directories += 1,
+            OutKind::Symlink => stats.symlinks += 1,
+            _ => stats.fifos += 1,
+        }
+        stats.entries += 1;
+        result = out.append(&OutEntry {
+            name: &name,
+            kind,
+            mode: inode.meta.mode,
+            uid: inode.meta.uid,
+            gid: inode.meta.gid,
+            mtime: clamp(inode.meta.mtime),
+            size: 0,
+            link,
+            xattrs: &xattrs,
+        });
+        if kind != OutKind::Dir && nlink.get(&id).copied().unwrap_or(0) > 1 {
+            first_name.insert(id, name);
+        }
+    });
+    result.context("cannot write the artifact")?;
+
+    // Phase B: regular files, streamed from the layers in order.
+    let mut next = 0usize;
+    for desc in &image.layers {
+        let layer_index = desc.index as u32;
+        if next >= files.len() || files[next].0.layer != layer_index {
+            continue;
+        }
+        let label = desc.label();
+        let blob = image.blobs.open_layer(desc)?;
+        let mut ignored = Vec::new();
+        layer::read_layer(blob, desc, &mut ignored, |ordinal, entry| {
+            let here = Source {
+                layer: layer_index,
+                ordinal,
+            };
+            if next >= files.len() || files[next].0 != here {
+                return Ok(());
+            }
+            let group_end = files[next..]
+                .iter()
+                .position(|f| f.0 != here)
+                .map_or(files.len(), |p| next + p);
+            let group = &files[next..group_end];
+            next = group_end;
+
+            let primary = tree.path_of(group[0].2);
+            let inode = tree.inode(tree.node_inode(group[0].2));
+            let Kind::File { size, .. } = inode.kind else {
+                unreachable!("grouped nodes are regular files")
+            };
+            let name = member_name(&primary, false);
+            let xattrs = filtered_xattrs(&primary, inode, &mut stats, &mut warns);
+            out.append(&OutEntry {
+                name: &name,
+                kind: OutKind::File,
+                mode: inode.meta.mode,
+                uid: inode.meta.uid,
+                gid: inode.meta.gid,
+                mtime: clamp(inode.meta.mtime),
+                size,
+                link: None,
+                xattrs: &xattrs,
+            })
+            .context("cannot write the artifact")?;
+            out.append_data(entry, size, tick).map_err(|e| {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    anyhow!("interrupted")
+                } else {
+                    anyhow!("{label}: member #{ordinal} '{primary}': {e}")
+                }
+            })?;
+            stats.files += 1;
+            stats.entries += 1;
+            stats.file_bytes += size;
+            for &(_, _, alias) in &group[1..] {
+                let alias_name = member_name(&tree.path_of(alias), false);
+                out.append(&OutEntry {
+                    name: &alias_name,
+                    kind: OutKind::Hardlink,
+                    mode: inode.meta.mode,
+                    uid: inode.meta.uid,
+                    gid: inode.meta.gid,
+                    mtime: clamp(inode.meta.mtime),
+                    size: 0,
+                    link: Some(&name),
+                    xattrs: &[],
+                })
+                .context("cannot write the artifact")?;
+                stats.hardlinks += 1;
+                stats.entries += 1;
+            }
+            Ok(())
+        })
+        .with_context(|| format!("{label}: second read"))?;
+    }
+    if next != files.len() {
+        return Err(anyhow!(
+            "internal error: {} file(s) were not found on the second read of the layers",
+            files.len() - next
+        ));
+    }
+    stats.tar_bytes = out.written();
+    Ok((stats, warns.finish()))
+}
