@@ -105,6 +105,16 @@ fn cancelled(flag: &AtomicBool) -> io::Result<()> {
 }
 
 pub fn convert(opts: &ConvertOptions) -> Result<Summary> {
+    convert_inner(opts).map_err(|e| {
+        if opts.cancel.load(Ordering::Relaxed) {
+            anyhow::anyhow!("interrupted; no artifact was written")
+        } else {
+            e
+        }
+    })
+}
+
+fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     let started = Instant::now();
     if let Some(name) = &opts.name {
         output::check_file_name(name)?;

@@ -19,7 +19,7 @@ use crate::layer::{self, LayerStats, MemberKind};
 use crate::path::RelPath;
 use crate::source::ResolvedImage;
 use crate::tarout::{OutEntry, OutKind, TarWriter};
-use crate::tree::{Inode, InodeId, Kind, NodeId, Source, Tree};
+use crate::tree::{Inode, InodeId, Kind, NodeId, Source, Tree, Xattr};
 use crate::whiteout::Role;
 
 /// Small files whose content pass 1 keeps (to name and check the artifact).
@@ -218,7 +218,7 @@ fn filtered_xattrs(
     inode: &Inode,
     stats: &mut EmitStats,
     warns: &mut WarningSink,
-) -> Vec<(Box<[u8]>, Box<[u8]>)> {
+) -> Vec<Xattr> {
     let mut kept = Vec::new();
     for (k, v) in inode.meta.xattrs.iter() {
         if xattr_survives(k) {

@@ -244,16 +244,19 @@ pub fn parse_member(entry: &mut LayerEntry<'_>) -> Result<Member> {
     let shown = lossy(&raw_name);
     let header = entry.header();
     let ty = header.entry_type();
-    let mode = header
-        .mode()
-        .map_err(|e| anyhow!("entry '{shown}': bad mode: {e}"))?
-        & 0o7777;
-    let uid = header
-        .uid()
-        .map_err(|e| anyhow!("entry '{shown}': bad uid: {e}"))?;
-    let gid = header
-        .gid()
-        .map_err(|e| anyhow!("entry '{shown}': bad gid: {e}"))?;
+    // Blank numeric fields (all NUL/space) occur in hand-made archives; read them
+    // as 0 like GNU tar does, but refuse fields that hold garbage.
+    let old = header.as_old();
+    let numeric = |value: std::io::Result<u64>, raw: &[u8], what: &str| -> Result<u64> {
+        match value {
+            Ok(v) => Ok(v),
+            Err(_) if raw.iter().all(|&b| b == 0 || b == b' ') => Ok(0),
+            Err(e) => Err(anyhow!("entry '{shown}': bad {what}: {e}")),
+        }
+    };
+    let mode = numeric(header.mode().map(u64::from), &old.mode, "mode")? as u32 & 0o7777;
+    let uid = numeric(header.uid(), &old.uid, "uid")?;
+    let gid = numeric(header.gid(), &old.gid, "gid")?;
     let mut mtime = header.mtime().unwrap_or(0);
     let link = entry.link_name_bytes().map(|l| l.into_owned());
 

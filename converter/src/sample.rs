@@ -10,6 +10,7 @@ use anyhow::Result;
 
 use crate::digest::Digest;
 use crate::tarout::{OutEntry, OutKind, TarWriter};
+use crate::tree::Xattr;
 
 /// Builds one layer tar in memory, members in call order, names verbatim.
 pub struct LayerBuilder {
@@ -49,7 +50,7 @@ impl LayerBuilder {
         mode: u32,
         link: Option<&[u8]>,
         data: &[u8],
-        xattrs: &[(Box<[u8]>, Box<[u8]>)],
+        xattrs: &[Xattr],
     ) -> Self {
         self.w
             .append(&OutEntry {
@@ -258,7 +259,7 @@ pub fn write_oci_layout(
 pub fn write_demo_image(dir: &Path) -> Result<Digest> {
     let os_release = "PRETTY_NAME=\"Debian GNU/Linux 13 (trixie)\"\nNAME=\"Debian GNU/Linux\"\n\
                       VERSION_ID=\"13\"\nVERSION_CODENAME=trixie\nID=debian\n";
-    let cap: Vec<(Box<[u8]>, Box<[u8]>)> = vec![(
+    let cap: Vec<Xattr> = vec![(
         b"security.capability"[..].into(),
         // VFS_CAP_REVISION_2, effective, CAP_NET_BIND_SERVICE permitted.
         b"\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"[..]

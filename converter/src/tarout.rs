@@ -1,8 +1,14 @@
 //! A deterministic tar writer for rootfs artifacts: ustar headers with PAX
-//! extended records only where ustar cannot say it (long or non-UTF-8 names and
-//! link targets, large ids, sizes and times, xattrs). Same input → same bytes.
+//! extended records only where ustar cannot say it (long names and link targets,
+//! large ids, sizes and times, xattrs). Same input → same bytes.
+//!
+//! Names are written byte-exact, non-UTF-8 included. No `hdrcharset=BINARY`
+//! record: GNU tar 1.34 (Proxmox's extractor) warns about it on every member and
+//! already takes PAX names as raw bytes.
 
 use std::io::{self, Read, Write};
+
+use crate::tree::Xattr;
 
 const BLOCK: usize = 512;
 const USTAR_NAME_MAX: usize = 100;
@@ -30,7 +36,7 @@ pub struct OutEntry<'a> {
     pub mtime: u64,
     pub size: u64,
     pub link: Option<&'a [u8]>,
-    pub xattrs: &'a [(Box<[u8]>, Box<[u8]>)],
+    pub xattrs: &'a [Xattr],
 }
 
 pub struct TarWriter<W: Write> {
@@ -110,14 +116,11 @@ impl<W: Write> TarWriter<W> {
     /// writes exactly `size` bytes with [`TarWriter::append_data`].
     pub fn append(&mut self, e: &OutEntry<'_>) -> io::Result<()> {
         let mut pax = Vec::new();
-        let mut binary = false;
         if e.name.len() > USTAR_NAME_MAX {
-            binary |= std::str::from_utf8(e.name).is_err();
             pax_record(&mut pax, b"path", e.name);
         }
         if let Some(link) = e.link {
             if link.len() > USTAR_NAME_MAX {
-                binary |= std::str::from_utf8(link).is_err();
                 pax_record(&mut pax, b"linkpath", link);
             }
         }
@@ -137,13 +140,6 @@ impl<W: Write> TarWriter<W> {
             let mut key = b"SCHILY.xattr.".to_vec();
             key.extend_from_slice(k);
             pax_record(&mut pax, &key, v);
-        }
-        if binary {
-            // Names are kept byte-exact; tell readers not to transcode them.
-            let mut with_charset = Vec::new();
-            pax_record(&mut with_charset, b"hdrcharset", b"BINARY");
-            with_charset.extend_from_slice(&pax);
-            pax = with_charset;
         }
         if !pax.is_empty() {
             let h = Self::header(
@@ -229,8 +225,7 @@ mod tests {
     fn round_trips_through_tar_reader() {
         let long_name = format!("./{}/file", "d".repeat(150));
         let mut w = TarWriter::new(Vec::new());
-        let xattrs: Vec<(Box<[u8]>, Box<[u8]>)> =
-            vec![(b"user.k"[..].into(), b"\x00\x01v"[..].into())];
+        let xattrs: Vec<Xattr> = vec![(b"user.k"[..].into(), b"\x00\x01v"[..].into())];
         w.append(&OutEntry {
             name: long_name.as_bytes(),
             kind: OutKind::File,

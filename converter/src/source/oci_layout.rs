@@ -139,16 +139,17 @@ pub fn open_with(
     let blobs = Blobs(files.clone());
     let resolved = manifest::resolve(
         &blobs,
-        Some(&chosen.media_type().to_string()),
+        Some(chosen.media_type().as_ref()),
         &digest,
         Some(chosen.size()),
         platform,
     )
     .with_context(|| display.to_string())?;
-    // A ref name that is a whole reference names the repository; a bare tag doesn't.
+    // A ref name like `name:tag` or `host/name:tag` names the repository; a bare
+    // tag (the usual OCI layout practice) does not, and the directory name is used.
     let repository = ref_name
         .as_deref()
-        .filter(|n| n.contains('/'))
+        .filter(|n| n.contains('/') || n.contains(':'))
         .and_then(repository_basename)
         .or(fallback_name);
     let tag = tag

@@ -1,0 +1,200 @@
+//! Helpers for the fixture tests: craft an image from layers, convert it with the
+//! library, and list the artifact member by member.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use hakim_convert::compress::OutputCompression;
+use hakim_convert::convert::{convert, ConvertOptions, Summary};
+use hakim_convert::sample::{write_oci_layout, SampleLayer};
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn new(layers: &[SampleLayer]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        write_oci_layout(
+            &dir.path().join("layout"),
+            "hakim-fixture:1",
+            "amd64",
+            layers,
+            serde_json::json!({}),
+        )
+        .unwrap();
+        Fixture { dir }
+    }
+
+    pub fn layout(&self) -> PathBuf {
+        self.dir.path().join("layout")
+    }
+
+    pub fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    pub fn options(&self, compression: OutputCompression) -> ConvertOptions {
+        ConvertOptions {
+            source: format!("oci:{}:1", self.layout().display()),
+            output_dir: self.out(),
+            platform: None,
+            compression,
+            level: None,
+            threads: Some(1),
+            name: Some("fixture".into()),
+            variant: None,
+            release: None,
+            source_date_epoch: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+            progress: false,
+        }
+    }
+
+    pub fn convert(&self) -> Result<Summary, String> {
+        convert(&self.options(OutputCompression::None)).map_err(|e| format!("{e:#}"))
+    }
+
+    /// Files left in the output directory (hidden lock file excluded).
+    pub fn outputs(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(self.out()) else {
+            return Vec::new();
+        };
+        let mut v: Vec<String> = rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".sha256sums.lock")
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// One line per member: `NAME TYPE MODE UID:GID DETAIL`, in archive order.
+/// TYPE: d dir, f file (DETAIL = content), l symlink (DETAIL = -> target),
+/// h hardlink (DETAIL = => target), p fifo.
+pub fn listing(tar_path: &Path) -> Vec<String> {
+    let mut ar = tar::Archive::new(std::fs::File::open(tar_path).unwrap());
+    let mut out = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        let h = e.header().clone();
+        let mode = h.mode().unwrap();
+        let ids = format!("{}:{}", h.uid().unwrap(), h.gid().unwrap());
+        let link = e
+            .link_name_bytes()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        let line = match h.entry_type() {
+            tar::EntryType::Directory => format!("{name} d {mode:o} {ids}"),
+            tar::EntryType::Regular => {
+                let mut s = String::new();
+                e.read_to_string(&mut s).unwrap();
+                format!("{name} f {mode:o} {ids} ={s}")
+            }
+            tar::EntryType::Symlink => format!("{name} l -> {link}"),
+            tar::EntryType::Link => format!("{name} h => {link}"),
+            tar::EntryType::Fifo => format!("{name} p {mode:o} {ids}"),
+            other => format!("{name} ?{other:?}"),
+        };
+        out.push(line);
+    }
+    out
+}
+
+/// Converts and lists, panicking with the error if conversion fails.
+pub fn flatten(layers: &[SampleLayer]) -> Vec<String> {
+    let f = Fixture::new(layers);
+    let summary = f
+        .convert()
+        .unwrap_or_else(|e| panic!("conversion failed: {e}"));
+    listing(&summary.artifact)
+}
+
+/// Converts and returns the error message, asserting nothing was left behind.
+pub fn flatten_err(layers: &[SampleLayer]) -> String {
+    let f = Fixture::new(layers);
+    let err = match f.convert() {
+        Ok(s) => panic!(
+            "conversion unexpectedly succeeded: {:?}",
+            listing(&s.artifact)
+        ),
+        Err(e) => e,
+    };
+    assert!(
+        f.outputs().is_empty(),
+        "files left behind: {:?}",
+        f.outputs()
+    );
+    err
+}
+
+/// Members that are not directories (most expectations only care about those).
+pub fn non_dirs(listing: &[String]) -> Vec<String> {
+    listing
+        .iter()
+        .filter(|l| !l.split(' ').nth(1).is_some_and(|t| t == "d"))
+        .cloned()
+        .collect()
+}
+
+/// Reads a blob of a layout by digest string.
+pub fn read_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap()
+}
+
+/// Writes a blob into a layout, returning `(digest, size)`.
+pub fn write_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+    let d = hakim_convert::digest::Digest::of_bytes(bytes);
+    std::fs::write(layout.join("blobs/sha256").join(d.hex()), bytes).unwrap();
+    (d.to_string(), bytes.len())
+}
+
+/// The single manifest of a layout written by `write_oci_layout`.
+pub fn manifest_of(layout: &Path) -> serde_json::Value {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let d = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    serde_json::from_slice(&read_blob(layout, &d)).unwrap()
+}
+
+/// Rewrites the manifest (and, through `edit_config`, the config) of a layout,
+/// keeping every digest consistent so only the intended fault remains.
+pub fn rewrite_image(
+    layout: &Path,
+    edit_config: impl FnOnce(&mut serde_json::Value),
+    edit_manifest: impl FnOnce(&mut serde_json::Value),
+) {
+    let mut manifest = manifest_of(layout);
+    let mut config: serde_json::Value = serde_json::from_slice(&read_blob(
+        layout,
+        manifest["config"]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
+    edit_config(&mut config);
+    let (cd, cs) = write_blob(layout, &serde_json::to_vec(&config).unwrap());
+    manifest["config"]["digest"] = cd.into();
+    manifest["config"]["size"] = cs.into();
+    edit_manifest(&mut manifest);
+    let (md, ms) = write_blob(layout, &serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": md, "size": ms,
+            "annotations": {"org.opencontainers.image.ref.name": "hakim-fixture:1"},
+        }],
+    });
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+}
