@@ -136,7 +136,7 @@ pub fn flatten_err(layers: &[SampleLayer]) -> String {
 pub fn non_dirs(listing: &[String]) -> Vec<String> {
     listing
         .iter()
-        .filter(|l| !l.split(' ').nth(1).is_some_and(|t| t == "d"))
+        .filter(|l| l.split(' ').nth(1).is_none_or(|t| t != "d"))
         .cloned()
         .collect()
 }
