@@ -6,9 +6,10 @@
 
 use std::fmt;
 
-/// A normalised path relative to the image root. The empty path is the root itself.
+/// A normalised path relative to the image root, stored joined (`a/b`, one
+/// allocation). The empty path is the root itself.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct RelPath(Vec<Vec<u8>>);
+pub struct RelPath(Vec<u8>);
 
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,7 +39,7 @@ impl RelPath {
         if name.first() == Some(&b'/') {
             return Err(PathError::Absolute);
         }
-        let mut parts: Vec<Vec<u8>> = Vec::new();
+        let mut parts: Vec<&[u8]> = Vec::new();
         for part in name.split(|&b| b == b'/') {
             match part {
                 b"" | b"." => {}
@@ -47,14 +48,27 @@ impl RelPath {
                         return Err(PathError::Escapes);
                     }
                 }
-                other => parts.push(other.to_vec()),
+                other => parts.push(other),
             }
         }
-        Ok(RelPath(parts))
+        Ok(RelPath(parts.join(&b'/')))
     }
 
-    pub fn components(&self) -> &[Vec<u8>] {
-        &self.0
+    /// Builds a path from components that are already clean (no `/`, `.`, `..`).
+    pub fn from_components<T: AsRef<[u8]>>(parts: &[T]) -> Self {
+        let mut p = RelPath::root();
+        for part in parts {
+            p.push(part.as_ref());
+        }
+        p
+    }
+
+    pub fn components(&self) -> Vec<&[u8]> {
+        if self.0.is_empty() {
+            Vec::new()
+        } else {
+            self.0.split(|&b| b == b'/').collect()
+        }
     }
 
     pub fn is_root(&self) -> bool {
@@ -63,29 +77,50 @@ impl RelPath {
 
     pub fn parent(&self) -> Option<RelPath> {
         if self.0.is_empty() {
-            None
-        } else {
-            Some(RelPath(self.0[..self.0.len() - 1].to_vec()))
+            return None;
         }
+        let end = self.0.iter().rposition(|&b| b == b'/').unwrap_or(0);
+        Some(RelPath(self.0[..end].to_vec()))
     }
 
     pub fn file_name(&self) -> Option<&[u8]> {
-        self.0.last().map(|v| v.as_slice())
+        if self.0.is_empty() {
+            return None;
+        }
+        let start = self.0.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+        Some(&self.0[start..])
     }
 
     pub fn join(&self, name: &[u8]) -> RelPath {
-        let mut parts = self.0.clone();
-        parts.push(name.to_vec());
-        RelPath(parts)
+        let mut p = self.clone();
+        p.push(name);
+        p
     }
 
-    pub fn from_components(parts: Vec<Vec<u8>>) -> Self {
-        RelPath(parts)
+    /// Appends one clean component.
+    pub(crate) fn push(&mut self, name: &[u8]) {
+        if !self.0.is_empty() {
+            self.0.push(b'/');
+        }
+        self.0.extend_from_slice(name);
+    }
+
+    /// Byte length, for [`RelPath::truncate`] (cheap path walking).
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.0.truncate(len);
     }
 
     /// `a/b` (no leading `./`), the form used in messages and lookups.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.0.join(&b'/')
+        self.0.clone()
     }
 }
 
@@ -94,7 +129,7 @@ impl fmt::Display for RelPath {
         if self.0.is_empty() {
             return f.write_str(".");
         }
-        write!(f, "{}", String::from_utf8_lossy(&self.to_bytes()))
+        write!(f, "{}", String::from_utf8_lossy(&self.0))
     }
 }
 
@@ -134,5 +169,20 @@ mod tests {
     fn keeps_non_utf8_bytes() {
         let p = RelPath::parse(b"dir/\xff\xfe").unwrap();
         assert_eq!(p.to_bytes(), b"dir/\xff\xfe".to_vec());
+    }
+
+    #[test]
+    fn parent_name_and_components() {
+        let p = RelPath::parse(b"a/b/c").unwrap();
+        assert_eq!(p.parent().unwrap().to_string(), "a/b");
+        assert_eq!(p.file_name(), Some(&b"c"[..]));
+        assert_eq!(p.components(), [&b"a"[..], b"b", b"c"]);
+        let one = RelPath::parse(b"x").unwrap();
+        assert!(one.parent().unwrap().is_root());
+        assert_eq!(
+            RelPath::from_components(&[b"x".to_vec(), b"y".to_vec()]).to_string(),
+            "x/y"
+        );
+        assert!(RelPath::root().components().is_empty());
     }
 }

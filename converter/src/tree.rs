@@ -161,14 +161,14 @@ impl Tree {
 
     /// Full path of a node (for messages and hardlink names).
     pub fn path_of(&self, mut node: NodeId) -> RelPath {
-        let mut parts = Vec::new();
+        let mut parts: Vec<&[u8]> = Vec::new();
         while node != ROOT {
             let n = &self.nodes[node as usize];
-            parts.push(n.name.to_vec());
+            parts.push(&n.name);
             node = n.parent;
         }
         parts.reverse();
-        RelPath::from_components(parts)
+        RelPath::from_components(&parts)
     }
 
     /// Walks `parts` from the root following every symlink met (including the last
@@ -177,11 +177,11 @@ impl Tree {
     /// an upper layer puts a file under a lower file's name).
     fn walk(
         &mut self,
-        parts: &[Vec<u8>],
+        parts: &[&[u8]],
         create: bool,
         whole: &RelPath,
     ) -> Result<Option<NodeId>, TreeError> {
-        let mut pending: Vec<Vec<u8>> = parts.iter().rev().cloned().collect();
+        let mut pending: Vec<Vec<u8>> = parts.iter().rev().map(|p| p.to_vec()).collect();
         let mut cur = ROOT;
         let mut hops = 0;
         while let Some(part) = pending.pop() {
@@ -247,7 +247,7 @@ impl Tree {
         let Some(parent) = path.parent() else {
             return Ok(Some(ROOT));
         };
-        let Some(dir) = self.walk(parent.components(), false, path)? else {
+        let Some(dir) = self.walk(&parent.components(), false, path)? else {
             return Ok(None);
         };
         let name = path.file_name().expect("non-root path has a name");
@@ -256,7 +256,7 @@ impl Tree {
 
     /// Finds the node named by `path`, following symlinks everywhere (like `stat`).
     pub fn resolve(&mut self, path: &RelPath) -> Result<Option<NodeId>, TreeError> {
-        self.walk(path.components(), false, path)
+        self.walk(&path.components(), false, path)
     }
 
     /// Removes `dir/name` (and its subtree) from the merged view.
@@ -286,7 +286,7 @@ impl Tree {
     /// missing name is not an error.
     pub fn whiteout(&mut self, dir: &RelPath, name: &[u8]) -> Result<bool, TreeError> {
         let whole = dir.join(name);
-        let Some(parent) = self.walk(dir.components(), false, &whole)? else {
+        let Some(parent) = self.walk(&dir.components(), false, &whole)? else {
             return Ok(false);
         };
         if !self.is_dir(parent) {
@@ -300,7 +300,7 @@ impl Tree {
     /// Applies `dir/.wh..wh..opq`: every child present now (all from lower layers,
     /// since markers are applied before the layer's members) disappears.
     pub fn opaque(&mut self, dir: &RelPath) -> Result<(), TreeError> {
-        let Some(node) = self.walk(dir.components(), false, dir)? else {
+        let Some(node) = self.walk(&dir.components(), false, dir)? else {
             return Ok(());
         };
         if !self.is_dir(node) {
@@ -327,7 +327,7 @@ impl Tree {
             return Ok(());
         };
         let parent = self
-            .walk(parent_path.components(), true, path)?
+            .walk(&parent_path.components(), true, path)?
             .expect("walk with create always yields a node");
         let name = path.file_name().expect("non-root path has a name");
         if let Some(&existing) = self.nodes[parent as usize].children.get(name) {
@@ -347,7 +347,7 @@ impl Tree {
     pub fn link(&mut self, path: &RelPath, target: &RelPath) -> Result<(), TreeError> {
         let inode = match self.lookup(target)? {
             Some(node) => self.nodes[node as usize].inode,
-            None => match self.removed_this_layer.get(&target.to_bytes()) {
+            None => match self.removed_this_layer.get(target.as_bytes()) {
                 Some(&inode) => inode,
                 None => return Err(TreeError::HardlinkTargetMissing(target.clone())),
             },
@@ -361,7 +361,7 @@ impl Tree {
             return Ok(());
         };
         let parent = self
-            .walk(parent_path.components(), true, path)?
+            .walk(&parent_path.components(), true, path)?
             .expect("walk with create always yields a node");
         let name = path.file_name().expect("non-root path has a name");
         if let Some(&existing) = self.nodes[parent as usize].children.get(name) {
@@ -377,18 +377,18 @@ impl Tree {
     /// Visits every node in pre-order (a directory before its contents, siblings in
     /// byte order of their names). The callback gets the path and the inode id.
     pub fn visit(&self, mut f: impl FnMut(&RelPath, NodeId, InodeId)) {
-        // (node, depth): how many path components sit above the node.
+        // (node, length of the parent's path): one path buffer for the whole walk.
         let mut stack: Vec<(NodeId, usize)> = vec![(ROOT, 0)];
-        let mut parts: Vec<Vec<u8>> = Vec::new();
-        while let Some((node, depth)) = stack.pop() {
+        let mut path = RelPath::root();
+        while let Some((node, parent_len)) = stack.pop() {
             let n = &self.nodes[node as usize];
-            parts.truncate(depth);
+            path.truncate(parent_len);
             if node != ROOT {
-                parts.push(n.name.to_vec());
+                path.push(&n.name);
             }
-            f(&RelPath::from_components(parts.clone()), node, n.inode);
+            f(&path, node, n.inode);
             for &child in n.children.values().rev() {
-                stack.push((child, parts.len()));
+                stack.push((child, path.len()));
             }
         }
     }

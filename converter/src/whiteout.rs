@@ -39,7 +39,7 @@ pub enum WhiteoutError {
 /// Classifies a normalised path.
 pub fn classify(path: &RelPath) -> Result<Role, WhiteoutError> {
     let parts = path.components();
-    let Some((last, dirs)) = parts.split_last() else {
+    let Some((&last, dirs)) = parts.split_last() else {
         return Ok(Role::Plain);
     };
     for dir in dirs {
@@ -50,8 +50,8 @@ pub fn classify(path: &RelPath) -> Result<Role, WhiteoutError> {
             return Err(WhiteoutError::MarkerAsDirectory);
         }
     }
-    let dir = RelPath::from_components(dirs.to_vec());
-    if last.as_slice() == OPAQUE_MARKER {
+    let dir = RelPath::from_components(dirs);
+    if last == OPAQUE_MARKER {
         return Ok(Role::Opaque { dir });
     }
     if last.starts_with(AUFS_META_PREFIX) {
