@@ -121,7 +121,18 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     }
     let image = source::open(&opts.source, opts.platform.as_ref())?;
     cancelled(&opts.cancel)?;
-    let mut index = flatten::index_layers(&image, opts.source_date_epoch.unwrap_or(0))?;
+    let spinner = if opts.progress {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut on_layer = |i: usize, n: usize| {
+        spinner.set_message(format!("verifying and indexing layer {}/{n}", i + 1));
+        spinner.tick();
+    };
+    let mut index =
+        flatten::index_layers(&image, opts.source_date_epoch.unwrap_or(0), &mut on_layer)?;
+    spinner.finish_and_clear();
     cancelled(&opts.cancel)?;
     let mut warnings = std::mem::take(&mut index.warnings);
 

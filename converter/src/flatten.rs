@@ -82,12 +82,18 @@ impl WarningSink {
 
 /// Pass 1: reads every layer (bottom first), verifying sizes, digests and
 /// diff_ids, and builds the merged tree. Nothing is written.
-pub fn index_layers(image: &ResolvedImage, implicit_mtime: u64) -> Result<Index> {
+/// `on_layer(i, n)` is called before reading layer `i` of `n` (progress).
+pub fn index_layers(
+    image: &ResolvedImage,
+    implicit_mtime: u64,
+    on_layer: &mut dyn FnMut(usize, usize),
+) -> Result<Index> {
     let mut tree = Tree::new(implicit_mtime);
     let mut warnings = image.warnings.clone();
     let mut captured = HashMap::new();
     let mut stats = Vec::with_capacity(image.layers.len());
     for desc in &image.layers {
+        on_layer(desc.index, image.layers.len());
         let label = desc.label();
         let blob = image.blobs.open_layer(desc)?;
         let mut members = Vec::new();
