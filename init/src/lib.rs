@@ -1,0 +1,12 @@
+//! hakim-init: the PID 1 of Hakim workspaces.
+//!
+//! Reaps zombies, turns LXC/Proxmox/Docker stop signals into an ordered
+//! shutdown, prepares the container (user, home, mounts, environment), and
+//! supervises the Coder agent and a few declared services. Everything that
+//! touches the system goes through [`sys::Syscall`], so the decisions are
+//! unit-tested without root and the real calls are tested end to end.
+
+pub mod agent_config;
+pub mod fetch;
+pub mod home;
+pub mod users;
