@@ -7,6 +7,10 @@
 //! unit-tested without root and the real calls are tested end to end.
 
 pub mod agent_config;
+pub mod env;
 pub mod fetch;
 pub mod home;
+pub mod mounts;
+pub mod services;
 pub mod users;
+pub mod sys;

@@ -1,0 +1,157 @@
+//! The environment children see: built-in defaults < the image env file the
+//! converter writes (`/etc/hakim/image.env`) < the process environment.
+//!
+//! Proxmox's `env` update replaces the whole list (PATH and LANG included), and
+//! rootfs templates carry no env at all, so the defaults here must be sane alone.
+
+use std::collections::BTreeMap;
+
+pub type Env = BTreeMap<String, String>;
+
+pub const IMAGE_ENV_FILE: &str = "/etc/hakim/image.env";
+
+/// PATH with mise shims and the Nix default profile ahead of the system dirs.
+pub const DEFAULT_PATH: &str = "/usr/local/share/mise/shims:/nix/var/nix/profiles/default/bin:\
+/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub fn defaults() -> Env {
+    let mut env = Env::new();
+    env.insert("PATH".into(), DEFAULT_PATH.into());
+    env.insert("LANG".into(), "C.UTF-8".into());
+    env.insert("LC_ALL".into(), "C.UTF-8".into());
+    env
+}
+
+/// `KEY=VALUE` per line; `#` comments and blank lines skipped; the value is
+/// everything after the first `=`, verbatim (no quoting, so any byte but newline
+/// survives). Lines without `=` or with an invalid name are reported, not fatal.
+pub fn parse_env_file(text: &str) -> (Vec<(String, String)>, Vec<String>) {
+    let mut vars = Vec::new();
+    let mut bad = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((k, v)) if valid_name(k) => vars.push((k.to_string(), v.to_string())),
+            _ => bad.push(format!("line {}: not KEY=VALUE", n + 1)),
+        }
+    }
+    (vars, bad)
+}
+
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+/// Layers the three sources.
+pub fn merge(image_env: &[(String, String)], process: impl IntoIterator<Item = (String, String)>) -> Env {
+    let mut env = defaults();
+    for (k, v) in image_env {
+        env.insert(k.clone(), v.clone());
+    }
+    for (k, v) in process {
+        env.insert(k, v);
+    }
+    env
+}
+
+/// `1`, `true`, `yes`, `on` (any case) are true; everything else false.
+pub fn truthy(value: &str) -> bool {
+    matches!(value.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+}
+
+/// Expands `${NAME}` and `${NAME:-default}` from `env` (unset → empty or the
+/// default). `$$` is a literal `$`; anything else is copied as is.
+pub fn expand(input: &str, env: &Env) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+            continue;
+        }
+        if let Some(body) = after.strip_prefix('{') {
+            if let Some(end) = body.find('}') {
+                let inner = &body[..end];
+                let (name, default) = match inner.split_once(":-") {
+                    Some((n, d)) => (n, Some(d)),
+                    None => (inner, None),
+                };
+                let value = env.get(name).filter(|v| !v.is_empty() || default.is_none());
+                match (value, default) {
+                    (Some(v), _) => out.push_str(v),
+                    (None, Some(d)) => out.push_str(d),
+                    (None, None) => {}
+                }
+                rest = &body[end + 1..];
+                continue;
+            }
+        }
+        out.push('$');
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layering_order() {
+        let image = vec![
+            ("PATH".to_string(), "/image/bin:/usr/bin".to_string()),
+            ("FOO".to_string(), "image".to_string()),
+        ];
+        let env = merge(&image, vec![("FOO".to_string(), "process".to_string())]);
+        assert_eq!(env["PATH"], "/image/bin:/usr/bin");
+        assert_eq!(env["FOO"], "process");
+        assert_eq!(env["LANG"], "C.UTF-8");
+        let env = merge(&[], Vec::new());
+        assert_eq!(env["PATH"], DEFAULT_PATH);
+    }
+
+    #[test]
+    fn env_file_parsing_keeps_values_verbatim() {
+        let (vars, bad) = parse_env_file("# c\n\nA=1\nB=x=y \"q\"\n bad line\n1X=no\nC=\n");
+        assert_eq!(
+            vars,
+            [
+                ("A".to_string(), "1".to_string()),
+                ("B".to_string(), "x=y \"q\"".to_string()),
+                ("C".to_string(), String::new())
+            ]
+        );
+        assert_eq!(bad.len(), 2);
+    }
+
+    #[test]
+    fn expansion() {
+        let mut env = Env::new();
+        env.insert("ROOT".into(), "/data".into());
+        env.insert("EMPTY".into(), String::new());
+        assert_eq!(expand("${ROOT}/docker", &env), "/data/docker");
+        assert_eq!(expand("${MISSING:-/var/lib/docker}", &env), "/var/lib/docker");
+        assert_eq!(expand("${EMPTY:-vfs}", &env), "vfs");
+        assert_eq!(expand("${MISSING}x", &env), "x");
+        assert_eq!(expand("$$ and $HOME and ${unclosed", &env), "$ and $HOME and ${unclosed");
+    }
+
+    #[test]
+    fn truthiness() {
+        for t in ["1", "true", "YES", " on "] {
+            assert!(truthy(t));
+        }
+        for f in ["0", "false", "", "nope"] {
+            assert!(!truthy(f));
+        }
+    }
+}
