@@ -98,8 +98,8 @@ pub fn index_layers(
         let blob = image.blobs.open_layer(desc)?;
         let mut members = Vec::new();
         let layer_index = desc.index as u32;
-        let st = layer::read_layer(blob, desc, &mut warnings, |ordinal, entry| {
-            let member = layer::parse_member(entry)
+        let st = layer::read_layer(blob, desc, &mut warnings, |ordinal, entry, pax| {
+            let member = layer::parse_member(entry, pax)
                 .with_context(|| format!("{label}: member #{ordinal}"))?;
             if let MemberKind::File { size } = member.kind {
                 let name = member.path.file_name().unwrap_or_default();
@@ -355,7 +355,7 @@ pub fn emit<W: Write>(
         let label = desc.label();
         let blob = image.blobs.open_layer(desc)?;
         let mut ignored = Vec::new();
-        layer::read_layer(blob, desc, &mut ignored, |ordinal, entry| {
+        layer::read_layer(blob, desc, &mut ignored, |ordinal, entry, _| {
             let here = Source {
                 layer: layer_index,
                 ordinal,

@@ -11,6 +11,7 @@ use base64::Engine as _;
 
 use crate::digest::{Digest, HashRead};
 use crate::path::RelPath;
+use crate::tarstream::{parse_pax, TarStream};
 use crate::tree::{Meta, Xattr};
 use crate::whiteout::{self, Role};
 
@@ -110,7 +111,7 @@ impl Decoder {
     }
 }
 
-pub type LayerTar = HashRead<Decoder>;
+pub type LayerTar = TarStream<HashRead<Decoder>>;
 pub type LayerEntry<'a> = tar::Entry<'a, LayerTar>;
 
 /// What reading a whole layer established.
@@ -122,7 +123,8 @@ pub struct LayerStats {
     pub members: u64,
 }
 
-/// Streams a layer: calls `on_member(ordinal, entry)` for every tar member, then
+/// Streams a layer: calls `on_member(ordinal, entry, pax)` for every tar member
+/// (`pax`: the raw data of its PAX extended header, if any), then
 /// drains the rest and checks size, blob digest and diff_id. Any mismatch is an
 /// error naming the layer; the caller must not have produced output from it yet
 /// (pass 1), or must discard what it produced (pass 2).
@@ -130,7 +132,7 @@ pub fn read_layer(
     blob: Box<dyn Read + Send>,
     desc: &LayerDesc,
     warnings: &mut Vec<String>,
-    mut on_member: impl FnMut(u64, &mut LayerEntry<'_>) -> Result<()>,
+    mut on_member: impl FnMut(u64, &mut LayerEntry<'_>, Option<&[u8]>) -> Result<()>,
 ) -> Result<LayerStats> {
     let label = desc.label();
     let mut raw = BufReader::with_capacity(256 * 1024, HashRead::new(blob, desc.size));
@@ -156,7 +158,8 @@ pub fn read_layer(
         Compression::Xz => Decoder::Xz(liblzma::bufread::XzDecoder::new_multi_decoder(raw)),
         Compression::Plain => Decoder::Plain(raw),
     };
-    let mut archive = tar::Archive::new(HashRead::new(decoder, None));
+    let (stream, tap) = TarStream::new(HashRead::new(decoder, None));
+    let mut archive = tar::Archive::new(stream);
     let mut members = 0u64;
     {
         let entries = archive
@@ -166,13 +169,19 @@ pub fn read_layer(
             let mut entry = entry.map_err(|e| {
                 anyhow!("{label}: corrupt or truncated layer after {ordinal} members: {e}")
             })?;
-            on_member(ordinal as u64, &mut entry)?;
+            let data_len = entry.header().entry_size().unwrap_or(0);
+            let pax = tap.member(
+                entry.raw_header_position(),
+                entry.raw_file_position(),
+                data_len,
+            );
+            on_member(ordinal as u64, &mut entry, pax.as_deref())?;
             members += 1;
         }
     }
     // Whatever follows the end-of-archive marker (padding, garbage) is still part
     // of the diff: hash it so diff_id covers the whole stream.
-    let mut diff = archive.into_inner();
+    let mut diff = archive.into_inner().into_inner();
     io::copy(&mut diff, &mut io::sink())
         .with_context(|| format!("{label}: corrupt or truncated layer data"))?;
     let (diff_id, uncompressed_bytes, decoder) = diff.finish();
@@ -239,7 +248,7 @@ fn lossy(b: &[u8]) -> String {
 }
 
 /// Interprets one tar member. Errors name the member; the caller adds the layer.
-pub fn parse_member(entry: &mut LayerEntry<'_>) -> Result<Member> {
+pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Member> {
     let raw_name = entry.path_bytes().into_owned();
     let shown = lossy(&raw_name);
     let header = entry.header();
@@ -260,39 +269,50 @@ pub fn parse_member(entry: &mut LayerEntry<'_>) -> Result<Member> {
     let mut mtime = header.mtime().unwrap_or(0);
     let link = entry.link_name_bytes().map(|l| l.into_owned());
 
+    let mut raw_name = raw_name;
+    let mut link = link;
+    let mut uid = uid;
+    let mut gid = gid;
     let mut xattrs: Vec<Xattr> = Vec::new();
-    if let Some(exts) = entry
-        .pax_extensions()
-        .map_err(|e| anyhow!("entry '{shown}': bad PAX header: {e}"))?
-    {
-        for ext in exts {
-            let ext = ext.map_err(|e| anyhow!("entry '{shown}': bad PAX record: {e}"))?;
-            let key = ext.key_bytes();
-            if key == b"mtime" {
-                // PAX mtimes may be fractional or negative; keep whole seconds ≥ 0.
-                let v = lossy(ext.value_bytes());
-                let whole = v.split('.').next().unwrap_or("0");
-                mtime = whole
-                    .parse::<i64>()
-                    .map(|t| t.max(0) as u64)
-                    .unwrap_or(mtime);
-            } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                xattrs.push((name.into(), ext.value_bytes().into()));
-            } else if let Some(name) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
-                let name = percent_decode(name);
-                let value = base64::engine::general_purpose::STANDARD_NO_PAD
-                    .decode(ext.value_bytes().trim_ascii_end().trim_ascii_end())
-                    .or_else(|_| {
-                        base64::engine::general_purpose::STANDARD.decode(ext.value_bytes())
-                    })
-                    .map_err(|e| anyhow!("entry '{shown}': bad LIBARCHIVE.xattr value: {e}"))?;
-                xattrs.push((name.into(), value.into()));
-            } else if key.starts_with(b"GNU.sparse.") {
-                bail!(
-                    "entry '{shown}': PAX sparse files (GNU.sparse.*) are not supported; \
-                     rebuild the layer without --sparse"
-                );
-            }
+    let records = match pax {
+        Some(data) => {
+            parse_pax(data).map_err(|e| anyhow!("entry '{shown}': bad PAX header: {e}"))?
+        }
+        None => Vec::new(),
+    };
+    let number = |v: &[u8]| String::from_utf8_lossy(v).trim().parse::<u64>().ok();
+    for (key, value) in records {
+        let key = key.as_slice();
+        if key == b"path" {
+            raw_name = value;
+        } else if key == b"linkpath" {
+            link = Some(value);
+        } else if key == b"uid" {
+            uid = number(&value).unwrap_or(uid);
+        } else if key == b"gid" {
+            gid = number(&value).unwrap_or(gid);
+        } else if key == b"mtime" {
+            // PAX mtimes may be fractional or negative; keep whole seconds ≥ 0.
+            let v = lossy(&value);
+            let whole = v.split('.').next().unwrap_or("0");
+            mtime = whole
+                .parse::<i64>()
+                .map(|t| t.max(0) as u64)
+                .unwrap_or(mtime);
+        } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+            xattrs.push((name.into(), value.into()));
+        } else if let Some(name) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
+            let name = percent_decode(name);
+            let decoded = base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(value.trim_ascii_end())
+                .or_else(|_| base64::engine::general_purpose::STANDARD.decode(&value))
+                .map_err(|e| anyhow!("entry '{shown}': bad LIBARCHIVE.xattr value: {e}"))?;
+            xattrs.push((name.into(), decoded.into()));
+        } else if key.starts_with(b"GNU.sparse.") {
+            bail!(
+                "entry '{shown}': PAX sparse files (GNU.sparse.*) are not supported; \
+                 rebuild the layer without --sparse"
+            );
         }
     }
     xattrs.sort();

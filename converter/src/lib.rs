@@ -16,5 +16,6 @@ pub mod path;
 pub mod sample;
 pub mod source;
 pub mod tarout;
+pub mod tarstream;
 pub mod tree;
 pub mod whiteout;

@@ -458,3 +458,63 @@ fn layer_starting_with_a_whiteout_of_aufs_metadata() {
     ]);
     assert_eq!(non_dirs(&out), ["./a f 644 0:0 =a", "./b f 644 0:0 =b"]);
 }
+
+#[test]
+fn unpadded_last_member_is_tolerated_but_short_data_is_not() {
+    // Some umoci versions stop right after the last member's data, unpadded.
+    let mut unpadded = L::new().file("c", "ccc").finish_without_footer();
+    while unpadded.last() == Some(&0) {
+        unpadded.pop();
+    }
+    assert_eq!(unpadded.len() % 512, 3);
+    let out = flatten(&[
+        gz(L::new().file("a", "a")),
+        SampleLayer::new(unpadded, BlobCompression::Gzip),
+    ]);
+    assert_eq!(
+        out,
+        ["./ d 755 0:0", "./a f 644 0:0 =a", "./c f 644 0:0 =ccc"]
+    );
+
+    // Data that stops early is still a truncated layer.
+    let mut short = L::new()
+        .file("d", &"d".repeat(2000))
+        .finish_without_footer();
+    short.truncate(512 + 1000);
+    let err = flatten_err(&[SampleLayer::new(short, BlobCompression::Plain)]);
+    assert!(err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn xattr_values_may_contain_newlines() {
+    // `setcap cap_dac_override,cap_fowner+ep` gives a blob holding byte 0x0a.
+    let cap: &[u8] =
+        b"\x01\x00\x00\x02\x0a\x00\x00\x00\x0a\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+    let xattrs: Vec<hakim_convert::tree::Xattr> = vec![
+        (b"security.capability"[..].into(), cap.into()),
+        (b"user.multi"[..].into(), b"line1\nline2\n"[..].into()),
+    ];
+    let f = common::Fixture::new(&[gz(L::new().owner(3_000_000, 0).entry(
+        b"usr/bin/tool",
+        hakim_convert::tarout::OutKind::File,
+        0o755,
+        None,
+        b"x",
+        &xattrs,
+    ))]);
+    let s = f.convert().unwrap();
+    let mut ar = tar::Archive::new(std::fs::File::open(&s.artifact).unwrap());
+    let mut seen = 0;
+    for e in ar.entries().unwrap() {
+        let e = e.unwrap();
+        if e.path_bytes().as_ref() == b"./usr/bin/tool" {
+            // The big uid sits in the same PAX header as the xattrs.
+            assert_eq!(e.header().uid().unwrap(), 3_000_000);
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 1);
+    let raw = std::fs::read(&s.artifact).unwrap();
+    assert!(raw.windows(cap.len()).any(|w| w == cap));
+    assert!(raw.windows(12).any(|w| w == b"line1\nline2\n"));
+}
