@@ -146,7 +146,10 @@ fn last_pax_data(region: &[u8]) -> Option<Vec<u8>> {
 
 /// Parses PAX records (`<len> <key>=<value>\n`, `len` counting the whole record),
 /// so values may hold any byte, newlines included.
-pub fn parse_pax(data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+/// One PAX record: key and raw value.
+pub type PaxRecord = (Vec<u8>, Vec<u8>);
+
+pub fn parse_pax(data: &[u8]) -> Result<Vec<PaxRecord>, String> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < data.len() {
