@@ -48,7 +48,10 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// Layers the three sources.
-pub fn merge(image_env: &[(String, String)], process: impl IntoIterator<Item = (String, String)>) -> Env {
+pub fn merge(
+    image_env: &[(String, String)],
+    process: impl IntoIterator<Item = (String, String)>,
+) -> Env {
     let mut env = defaults();
     for (k, v) in image_env {
         env.insert(k.clone(), v.clone());
@@ -61,7 +64,10 @@ pub fn merge(image_env: &[(String, String)], process: impl IntoIterator<Item = (
 
 /// `1`, `true`, `yes`, `on` (any case) are true; everything else false.
 pub fn truthy(value: &str) -> bool {
-    matches!(value.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
 }
 
 /// Expands `${NAME}` and `${NAME:-default}` from `env` (unset → empty or the
@@ -139,10 +145,16 @@ mod tests {
         env.insert("ROOT".into(), "/data".into());
         env.insert("EMPTY".into(), String::new());
         assert_eq!(expand("${ROOT}/docker", &env), "/data/docker");
-        assert_eq!(expand("${MISSING:-/var/lib/docker}", &env), "/var/lib/docker");
+        assert_eq!(
+            expand("${MISSING:-/var/lib/docker}", &env),
+            "/var/lib/docker"
+        );
         assert_eq!(expand("${EMPTY:-vfs}", &env), "vfs");
         assert_eq!(expand("${MISSING}x", &env), "x");
-        assert_eq!(expand("$$ and $HOME and ${unclosed", &env), "$ and $HOME and ${unclosed");
+        assert_eq!(
+            expand("$$ and $HOME and ${unclosed", &env),
+            "$ and $HOME and ${unclosed"
+        );
     }
 
     #[test]

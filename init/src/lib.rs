@@ -6,11 +6,15 @@
 //! touches the system goes through [`sys::Syscall`], so the decisions are
 //! unit-tested without root and the real calls are tested end to end.
 
+pub mod agent;
 pub mod agent_config;
+pub mod boot;
 pub mod env;
 pub mod fetch;
 pub mod home;
 pub mod mounts;
 pub mod services;
-pub mod users;
+pub mod spawn;
+pub mod supervisor;
 pub mod sys;
+pub mod users;

@@ -119,9 +119,9 @@ pub fn ensure_mounts(sys: &dyn Syscall, run_user: Option<(u32, u32)>) -> Vec<Str
         if is_mounted(&w.target) {
             continue;
         }
-        let result = sys.mkdir_all(&w.target).and_then(|_| {
-            sys.mount(w.fstype, &w.target, w.fstype, w.flags, w.data.as_deref())
-        });
+        let result = sys
+            .mkdir_all(&w.target)
+            .and_then(|_| sys.mount(w.fstype, &w.target, w.fstype, w.flags, w.data.as_deref()));
         match result {
             Ok(()) => notes.push(format!("mounted {} ({})", w.target.display(), w.fstype)),
             Err(e) => {
@@ -129,8 +129,7 @@ pub fn ensure_mounts(sys: &dyn Syscall, run_user: Option<(u32, u32)>) -> Vec<Str
                 if let Some(mode) = w.fallback_mode {
                     let _ = sys.chmod(&w.target, mode);
                     note.push_str(&format!("; using a plain directory (mode {mode:o})"));
-                    if let (Some((uid, gid)), true) =
-                        (run_user, w.target.starts_with("/run/user"))
+                    if let (Some((uid, gid)), true) = (run_user, w.target.starts_with("/run/user"))
                     {
                         let _ = sys.chown(&w.target, uid, gid);
                     }
@@ -208,12 +207,21 @@ mod tests {
             fail_mounts: Some(libc::EPERM),
             ..RecordingSys::default()
         }
-        .with_file("/proc/self/mountinfo", "1 0 0:1 / / rw - overlay overlay rw\n");
+        .with_file(
+            "/proc/self/mountinfo",
+            "1 0 0:1 / / rw - overlay overlay rw\n",
+        );
         let notes = ensure_mounts(&sys, Some((1000, 1000)));
         assert!(mounted_targets(&sys.calls()).is_empty());
         assert!(sys.calls().contains(&Call::Chmod("/run".into(), 0o755)));
-        assert!(sys.calls().contains(&Call::Chmod("/dev/shm".into(), 0o1777)));
-        assert!(sys.calls().contains(&Call::Chown("/run/user/1000".into(), 1000, 1000)));
-        assert!(notes.iter().any(|n| n.contains("cannot mount /run") && n.contains("plain directory")));
+        assert!(sys
+            .calls()
+            .contains(&Call::Chmod("/dev/shm".into(), 0o1777)));
+        assert!(sys
+            .calls()
+            .contains(&Call::Chown("/run/user/1000".into(), 1000, 1000)));
+        assert!(notes
+            .iter()
+            .any(|n| n.contains("cannot mount /run") && n.contains("plain directory")));
     }
 }

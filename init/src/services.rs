@@ -164,11 +164,18 @@ pub fn load(dir: &Path, env: &Env, exists: &dyn Fn(&Path) -> bool) -> Loaded {
     files.sort();
     let mut services = Vec::new();
     for path in files {
-        let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let stem = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) => {
-                loaded.notes.push(format!("service {stem}: cannot read {}: {e}", path.display()));
+                loaded.notes.push(format!(
+                    "service {stem}: cannot read {}: {e}",
+                    path.display()
+                ));
                 continue;
             }
         };
@@ -227,14 +234,21 @@ pub fn parse(
         argv: file.command.iter().map(|a| expand(a, env)).collect(),
         user: file.user,
         env: svc_env,
-        clean: file.clean.iter().map(|c| PathBuf::from(expand(c, env))).collect(),
+        clean: file
+            .clean
+            .iter()
+            .map(|c| PathBuf::from(expand(c, env)))
+            .collect(),
         ready: file.ready,
         after: file.after,
         restart: file.restart,
         stop_signal,
         stop_grace: Duration::from_secs(file.stop_grace),
         before_agent: file.before_agent,
-        cwd: PathBuf::from(file.cwd.map_or_else(|| "/".to_string(), |c| expand(&c, env))),
+        cwd: PathBuf::from(
+            file.cwd
+                .map_or_else(|| "/".to_string(), |c| expand(&c, env)),
+        ),
     }))
 }
 
@@ -249,21 +263,27 @@ fn order(services: Vec<Service>) -> (Vec<Service>, Vec<String>) {
             let before = s.after.len();
             s.after.retain(|a| names.contains(a));
             if s.after.len() != before {
-                notes.push(format!("service {}: 'after' names a service that is not enabled; ignored", s.name));
+                notes.push(format!(
+                    "service {}: 'after' names a service that is not enabled; ignored",
+                    s.name
+                ));
             }
             s
         })
         .collect();
     let mut ordered: Vec<Service> = Vec::new();
     while !pending.is_empty() {
-        let pos = pending.iter().position(|s| {
-            s.after.iter().all(|a| ordered.iter().any(|o| &o.name == a))
-        });
+        let pos = pending
+            .iter()
+            .position(|s| s.after.iter().all(|a| ordered.iter().any(|o| &o.name == a)));
         match pos {
             Some(i) => ordered.push(pending.remove(i)),
             None => {
                 let s = pending.remove(0);
-                notes.push(format!("service {}: dependency cycle; starting it anyway", s.name));
+                notes.push(format!(
+                    "service {}: dependency cycle; starting it anyway",
+                    s.name
+                ));
                 ordered.push(s);
             }
         }
@@ -276,7 +296,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Env {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     const DOCKERD: &str = r#"
@@ -292,10 +315,18 @@ stop_grace = 15
     #[test]
     fn parses_and_expands() {
         let yes = |_: &Path| true;
-        let s = parse("dockerd", DOCKERD, &env(&[("DOCKER_DATA_ROOT", "/data")]), &yes)
-            .unwrap()
-            .unwrap();
-        assert_eq!(s.argv, ["dockerd", "--data-root", "/data", "--storage-driver", "vfs"]);
+        let s = parse(
+            "dockerd",
+            DOCKERD,
+            &env(&[("DOCKER_DATA_ROOT", "/data")]),
+            &yes,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            s.argv,
+            ["dockerd", "--data-root", "/data", "--storage-driver", "vfs"]
+        );
         assert_eq!(s.stop_signal, libc::SIGTERM);
         assert_eq!(s.stop_grace, Duration::from_secs(15));
         assert_eq!(s.ready.as_ref().unwrap().timeout, 20);
@@ -306,8 +337,16 @@ stop_grace = 15
     fn enable_conditions() {
         let yes = |_: &Path| true;
         let no = |_: &Path| false;
-        assert!(parse("d", DOCKERD, &env(&[("START_DOCKER_DAEMON", "0")]), &yes).unwrap().is_none());
-        assert!(parse("d", DOCKERD, &env(&[("START_DOCKER_DAEMON", "yes")]), &yes).unwrap().is_some());
+        assert!(
+            parse("d", DOCKERD, &env(&[("START_DOCKER_DAEMON", "0")]), &yes)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            parse("d", DOCKERD, &env(&[("START_DOCKER_DAEMON", "yes")]), &yes)
+                .unwrap()
+                .is_some()
+        );
         // Unset → enable_default (true).
         assert!(parse("d", DOCKERD, &env(&[]), &yes).unwrap().is_some());
         // Binary missing → skipped.

@@ -36,8 +36,7 @@ impl Syscall for RealSys {
         flags: MsFlags,
         data: Option<&str>,
     ) -> io::Result<()> {
-        nix::mount::mount(Some(source), target, Some(fstype), flags, data)
-            .map_err(io::Error::from)
+        nix::mount::mount(Some(source), target, Some(fstype), flags, data).map_err(io::Error::from)
     }
     fn mkdir_all(&self, path: &Path) -> io::Result<()> {
         std::fs::create_dir_all(path)
@@ -135,7 +134,9 @@ impl Syscall for RecordingSys {
         Ok(())
     }
     fn chown(&self, path: &Path, uid: u32, gid: u32) -> io::Result<()> {
-        self.calls.borrow_mut().push(Call::Chown(path.into(), uid, gid));
+        self.calls
+            .borrow_mut()
+            .push(Call::Chown(path.into(), uid, gid));
         Ok(())
     }
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {

@@ -1,0 +1,255 @@
+//! Boot sequence: signals blocked, environment assembled, container prepared
+//! (mounts, machine-id, user, home), units declared, event loop run, then exit
+//! or reboot. Each step logs what it did; none of them is fatal except bad
+//! arguments — a workspace with a broken piece should still come up.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::SigSet;
+
+use crate::env::{self, Env};
+use crate::services::{self, Restart};
+use crate::spawn::Ids;
+use crate::supervisor::{log, Ending, Supervisor, UnitSpec};
+use crate::sys::{RealSys, Syscall};
+
+const USAGE: &str = "usage: hakim-init [-- COMMAND [ARGS...]]
+  Without a command: set up the workspace, run the declared services and the
+  Coder agent (configured by CODER_AGENT_URL/CODER_AGENT_TOKEN, CODER_AGENT_TOKEN_FILE
+  or CODER_AGENT_BOOTSTRAP) until stopped.
+  With a command: run it as the main child like tini; exit with its status.";
+
+fn millis_env(env: &Env, name: &str, default: Duration) -> Duration {
+    env.get(name)
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(default)
+}
+
+/// Returns the process exit code.
+pub fn run(args: &[String]) -> i32 {
+    // Block every signal before anything else: they are read from a signalfd
+    // in the event loop, so none can interrupt setup or be lost.
+    let _ = SigSet::all().thread_block();
+    let is_pid1 = std::process::id() == 1;
+    if !is_pid1 {
+        // Orphans of our children come to us, and are reaped, even when not PID 1.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    }
+
+    let command: Vec<String> = match args.first().map(String::as_str) {
+        None => Vec::new(),
+        Some("--") => args[1..].to_vec(),
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            return 0;
+        }
+        Some("--version") => {
+            println!("hakim-init {}", env!("CARGO_PKG_VERSION"));
+            return 0;
+        }
+        Some(a) if a.starts_with('-') => {
+            eprintln!("hakim-init: unknown option {a}\n{USAGE}");
+            return 2;
+        }
+        Some(_) => args.to_vec(),
+    };
+
+    // Names only, never values: tells how Proxmox/LXC/Docker passed the environment.
+    let process_env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    let names: Vec<String> = process_env.iter().map(|(k, _)| k.clone()).collect();
+    let image_env = match std::fs::read_to_string(env::IMAGE_ENV_FILE) {
+        Ok(text) => {
+            let (vars, bad) = env::parse_env_file(&text);
+            for b in bad {
+                log(format!("{}: {b}", env::IMAGE_ENV_FILE));
+            }
+            vars
+        }
+        Err(_) => Vec::new(),
+    };
+    let merged = env::merge(&image_env, process_env);
+    let daemon = command.is_empty();
+    let wants_agent = [
+        "CODER_AGENT_URL",
+        "CODER_AGENT_BOOTSTRAP",
+        "CODER_AGENT_TOKEN_FILE",
+    ]
+    .iter()
+    .any(|k| merged.contains_key(*k));
+    if !daemon
+        && !wants_agent
+        && !merged
+            .get("HAKIM_INIT_VERBOSE")
+            .is_some_and(|v| env::truthy(v))
+    {
+        crate::supervisor::set_quiet(true);
+    }
+    log(format!(
+        "pid {} received environment: {}",
+        std::process::id(),
+        names.join(" ")
+    ));
+
+    let sys = RealSys;
+    let user = prepare_workspace(&sys, &merged, is_pid1, daemon);
+
+    let mut sup = Supervisor::new(is_pid1);
+    sup.final_grace = millis_env(&merged, "HAKIM_FINAL_GRACE", Duration::from_secs(3));
+    let public_env: Vec<(String, String)> = merged
+        .iter()
+        .filter(|(k, _)| !crate::agent_config::is_secret_env(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+
+    let loaded = services::load(Path::new(services::SERVICES_DIR), &merged, &|p| p.exists());
+    for note in &loaded.notes {
+        log(note);
+    }
+    for s in loaded.services {
+        let ids = resolve_ids(&s.user, &user);
+        let mut env = public_env.clone();
+        env.extend(s.env.iter().cloned());
+        sup.add_service(
+            UnitSpec {
+                name: s.name.clone(),
+                argv: s.argv.clone(),
+                env,
+                cwd: s.cwd.clone(),
+                ids,
+                restart: s.restart,
+                stop_signal: s.stop_signal,
+                stop_grace: s.stop_grace,
+                ready: s.ready.clone(),
+                after: s.after.clone(),
+                clean: s.clean.clone(),
+                capture: true,
+                backoff_max: Duration::from_secs(60),
+            },
+            s.before_agent,
+        );
+    }
+
+    crate::agent::declare(&mut sup, &merged, &public_env, user.as_ref());
+
+    if !daemon {
+        sup.add_main(UnitSpec {
+            name: command[0].clone(),
+            argv: command.clone(),
+            env: public_env.clone(),
+            cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+            ids: None,
+            restart: Restart::Never,
+            stop_signal: libc::SIGTERM,
+            stop_grace: millis_env(&merged, "HAKIM_STOP_GRACE", Duration::from_secs(10)),
+            ready: None,
+            after: Vec::new(),
+            clean: Vec::new(),
+            capture: false,
+            backoff_max: Duration::from_secs(60),
+        });
+    }
+
+    let ending = sup.run();
+    nix::unistd::sync();
+    match ending {
+        Ending::Exit(code) => {
+            log(format!("exiting with status {code}"));
+            code
+        }
+        Ending::Reboot => {
+            log("rebooting");
+            // In a container, reboot(2) from PID 1 ends the container with SIGHUP,
+            // which LXC reads as "restart me". Without CAP_SYS_BOOT: just exit.
+            if is_pid1 {
+                let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+                log(format!("reboot not permitted ({e}); exiting"));
+            }
+            0
+        }
+    }
+}
+
+/// The workspace user as set up (or found).
+#[derive(Debug, Clone)]
+pub struct WorkspaceUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: PathBuf,
+    pub shell: String,
+    pub project_dir: PathBuf,
+}
+
+fn resolve_ids(user: &str, ws: &Option<WorkspaceUser>) -> Option<Ids> {
+    if user == "root" {
+        return None;
+    }
+    match ws {
+        Some(w) if w.name == user => Some(Ids {
+            uid: w.uid,
+            gid: w.gid,
+            groups: w.groups.clone(),
+        }),
+        _ => crate::agent::lookup_user(user),
+    }
+}
+
+/// Mounts, machine-id, user and home. Problems are logged, never fatal.
+fn prepare_workspace(
+    sys: &dyn Syscall,
+    env: &Env,
+    is_pid1: bool,
+    daemon: bool,
+) -> Option<WorkspaceUser> {
+    if is_pid1 {
+        let uid = env
+            .get("CODER_UID")
+            .and_then(|u| u.parse().ok())
+            .unwrap_or(1000u32);
+        let gid = env
+            .get("CODER_GID")
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(uid);
+        for note in crate::mounts::ensure_mounts(sys, daemon.then_some((uid, gid))) {
+            log(note);
+        }
+        ensure_machine_id(sys);
+    }
+    if !daemon
+        && !env.contains_key("CODER_AGENT_URL")
+        && !env.contains_key("CODER_AGENT_BOOTSTRAP")
+        && !env.contains_key("CODER_AGENT_TOKEN_FILE")
+    {
+        // Plain command mode (Docker, devcontainers): no workspace to prepare.
+        return None;
+    }
+    crate::agent::prepare_user(env)
+}
+
+/// An empty or missing /etc/machine-id gets 32 random hex digits (dbus and
+/// journald need one; images ship it empty so clones differ).
+fn ensure_machine_id(sys: &dyn Syscall) {
+    let path = Path::new("/etc/machine-id");
+    let current = sys.read(path).unwrap_or_default();
+    if current.iter().any(|b| !b.is_ascii_whitespace()) {
+        return;
+    }
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        return;
+    }
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    match sys.write_atomic(path, format!("{id}\n").as_bytes(), 0o444) {
+        Ok(()) => log("generated /etc/machine-id"),
+        Err(e) => log(format!("cannot write /etc/machine-id: {e}")),
+    }
+}
