@@ -3,8 +3,8 @@
 # does nothing when every tool is already present.
 set -euo pipefail
 
-packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq)
-tools=(skopeo umoci buildah debootstrap tar xz zstd getfattr getcap file jq)
+packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq musl-tools busybox-static lxc e2fsprogs)
+tools=(skopeo umoci buildah debootstrap tar xz zstd getfattr getcap file jq musl-gcc busybox lxc-start mkfs.ext4)
 
 missing=()
 for i in "${!tools[@]}"; do
