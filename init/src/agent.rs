@@ -256,6 +256,7 @@ fn agent_unit(
             ready: None,
             after: Vec::new(),
             clean: Vec::new(),
+            dirs: Vec::new(),
             capture: true,
             backoff_max: Duration::from_secs(60),
         },

@@ -127,6 +127,7 @@ pub fn run(args: &[String]) -> i32 {
                 ready: s.ready.clone(),
                 after: s.after.clone(),
                 clean: s.clean.clone(),
+                dirs: s.dirs.clone(),
                 capture: true,
                 backoff_max: Duration::from_secs(60),
             },
@@ -149,6 +150,7 @@ pub fn run(args: &[String]) -> i32 {
             ready: None,
             after: Vec::new(),
             clean: Vec::new(),
+            dirs: Vec::new(),
             capture: false,
             backoff_max: Duration::from_secs(60),
         });

@@ -9,7 +9,8 @@
 //! enable_env = "START_DOCKER_DAEMON"   # truthy to run; unset → enable_default
 //! enable_default = true
 //! requires = ["/usr/bin/dockerd"]      # paths that must exist, else skipped
-//! clean = ["/run/docker.pid", "/run/docker.sock"]
+//! clean = ["/run/docker.pid", "/run/docker.sock"]  # removed before each start
+//! dirs = ["/run/docker"]                # created (0755) before each start
 //! ready = { path = "/run/docker.sock", timeout = 30 }
 //! after = ["dbus"]
 //! restart = "always"
@@ -83,6 +84,8 @@ pub struct ServiceFile {
     pub requires: Vec<String>,
     #[serde(default)]
     pub clean: Vec<String>,
+    #[serde(default)]
+    pub dirs: Vec<String>,
     pub ready: Option<Ready>,
     #[serde(default)]
     pub after: Vec<String>,
@@ -106,6 +109,7 @@ pub struct Service {
     pub user: String,
     pub env: Vec<(String, String)>,
     pub clean: Vec<PathBuf>,
+    pub dirs: Vec<PathBuf>,
     pub ready: Option<Ready>,
     pub after: Vec<String>,
     pub restart: Restart,
@@ -232,12 +236,17 @@ pub fn parse(
     Ok(Some(Service {
         name,
         argv: file.command.iter().map(|a| expand(a, env)).collect(),
-        user: file.user,
+        user: expand(&file.user, env),
         env: svc_env,
         clean: file
             .clean
             .iter()
             .map(|c| PathBuf::from(expand(c, env)))
+            .collect(),
+        dirs: file
+            .dirs
+            .iter()
+            .map(|d| PathBuf::from(expand(d, env)))
             .collect(),
         ready: file.ready,
         after: file.after,
@@ -402,5 +411,35 @@ stop_grace = 15
         let loaded = load(dir.path(), &env(&[]), &|_| true);
         assert_eq!(loaded.services.len(), 1);
         assert!(loaded.notes.iter().any(|n| n.starts_with("service b:")));
+    }
+}
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    /// The example files in `images/services/` must parse and mean what they say.
+    #[test]
+    fn shipped_service_files_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/services");
+        let env: Env = [("START_XVFB".to_string(), "1".to_string())]
+            .into_iter()
+            .collect();
+        let loaded = load(&dir, &env, &|_| true);
+        let names: Vec<&str> = loaded.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["dbus", "dockerd", "nix-daemon", "xvfb"],
+            "{:?}",
+            loaded.notes
+        );
+        let docker = &loaded.services[1];
+        assert!(docker.argv.contains(&"/var/lib/docker".to_string()));
+        assert!(docker.argv.contains(&"vfs".to_string()));
+        assert_eq!(docker.after, ["dbus"]);
+        assert_eq!(loaded.services[0].dirs, [PathBuf::from("/run/dbus")]);
+        // Xvfb is off unless asked for.
+        let loaded = load(&dir, &Env::new(), &|_| true);
+        assert!(!loaded.services.iter().any(|s| s.name == "xvfb"));
     }
 }

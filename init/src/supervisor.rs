@@ -69,6 +69,8 @@ pub struct UnitSpec {
     pub after: Vec<String>,
     /// Paths removed before every start (stale sockets, pid files).
     pub clean: Vec<PathBuf>,
+    /// Directories created before every start (e.g. under a fresh /run).
+    pub dirs: Vec<PathBuf>,
     /// Capture output and prefix it with the unit name.
     pub capture: bool,
     /// Backoff limits for restarts.
@@ -482,6 +484,15 @@ impl Supervisor {
         } else {
             self.units[i].spec.argv.clone()
         };
+        for dir in &self.units[i].spec.dirs {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                warn(format!(
+                    "{}: cannot create {}: {e}",
+                    self.units[i].spec.name,
+                    dir.display()
+                ));
+            }
+        }
         for path in &self.units[i].spec.clean {
             if std::fs::symlink_metadata(path).is_ok() {
                 let _ = std::fs::remove_file(path);
