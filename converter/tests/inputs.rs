@@ -423,3 +423,50 @@ fn interrupt_removes_the_partial_file() {
     assert!(!status.success());
     assert!(f.outputs().is_empty(), "left behind: {:?}", f.outputs());
 }
+
+#[test]
+fn platform_selection_among_manifests_listed_in_index_json() {
+    // buildah `manifest push oci:` style: per-platform manifests straight in index.json.
+    let f = Fixture::new(&[gz(L::new().file("arch", "amd64"))]);
+    let arm = tempfile::tempdir().unwrap();
+    hakim_convert::sample::write_oci_layout(
+        arm.path(),
+        "x",
+        "arm64",
+        &[gz(L::new().file("arch", "arm64"))],
+        serde_json::json!({}),
+    )
+    .unwrap();
+    for e in std::fs::read_dir(arm.path().join("blobs/sha256")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(
+            e.path(),
+            f.layout().join("blobs/sha256").join(e.file_name()),
+        )
+        .unwrap();
+    }
+    let first = |layout: &std::path::Path| {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+        index["manifests"][0].clone()
+    };
+    let mut amd = first(&f.layout());
+    let mut arm64 = first(arm.path());
+    amd["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
+    arm64["platform"] = serde_json::json!({"os": "linux", "architecture": "arm64"});
+    arm64["annotations"] = amd["annotations"].clone();
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [amd, arm64]});
+    std::fs::write(
+        f.layout().join("index.json"),
+        serde_json::to_vec(&top).unwrap(),
+    )
+    .unwrap();
+    let mut o = f.options(hakim_convert::compress::OutputCompression::None);
+    o.platform = Some("linux/arm64".parse().unwrap());
+    let s = hakim_convert::convert::convert(&o).unwrap();
+    assert_eq!(non_dirs(&listing(&s.artifact)), ["./arch f 644 0:0 =arm64"]);
+    o.platform = None;
+    o.source = format!("oci:{}", f.layout().display());
+    let s = hakim_convert::convert::convert(&o).unwrap();
+    assert_eq!(non_dirs(&listing(&s.artifact)), ["./arch f 644 0:0 =amd64"]);
+}

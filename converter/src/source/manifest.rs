@@ -150,9 +150,17 @@ fn choose_platform<'a>(
     index: &'a ImageIndex,
     wanted: &Platform,
 ) -> Result<&'a oci_spec::image::Descriptor> {
+    choose_among(index.manifests().iter(), wanted)
+}
+
+/// Picks the one descriptor whose platform matches (attestations skipped).
+pub fn choose_among<'a>(
+    descriptors: impl Iterator<Item = &'a oci_spec::image::Descriptor>,
+    wanted: &Platform,
+) -> Result<&'a oci_spec::image::Descriptor> {
     let mut available = Vec::new();
     let mut matches = Vec::new();
-    for d in index.manifests() {
+    for d in descriptors {
         let Some(p) = d.platform() else { continue };
         let p = Platform {
             os: p.os().to_string(),

@@ -110,29 +110,32 @@ pub fn open_with(
             .and_then(|a| a.get(REF_NAME))
             .cloned()
     };
-    let chosen = match tag {
-        Some(tag) => {
-            let found: Vec<_> = descriptors
-                .iter()
-                .filter(|d| name_of(d).is_some_and(|n| n == tag || n.ends_with(&format!(":{tag}"))))
-                .collect();
-            match found.as_slice() {
-                [one] => *one,
-                [] => bail!(
-                    "{display}: no image tagged '{tag}'; tags: {}",
-                    list_names(descriptors, &name_of)
-                ),
-                _ => bail!("{display}: several images tagged '{tag}'"),
-            }
+    let candidates: Vec<&oci_spec::image::Descriptor> = match tag {
+        Some(tag) => descriptors
+            .iter()
+            .filter(|d| name_of(d).is_some_and(|n| n == tag || n.ends_with(&format!(":{tag}"))))
+            .collect(),
+        None => descriptors.iter().collect(),
+    };
+    let chosen = match candidates.as_slice() {
+        [one] => *one,
+        [] if tag.is_some() => bail!(
+            "{display}: no image tagged '{}'; tags: {}",
+            tag.unwrap_or_default(),
+            list_names(descriptors, &name_of)
+        ),
+        [] => bail!("{display}: the layout holds no images"),
+        // Several per-platform manifests listed directly (e.g. buildah manifest push):
+        // choose by platform like an index.
+        many if many.iter().all(|d| d.platform().is_some()) => {
+            let default = Platform::default();
+            manifest::choose_among(many.iter().copied(), platform.unwrap_or(&default))
+                .with_context(|| display.to_string())?
         }
-        None => match descriptors.as_slice() {
-            [one] => one,
-            [] => bail!("{display}: the layout holds no images"),
-            _ => bail!(
-                "{display}: holds several images; name one with :TAG ({})",
-                list_names(descriptors, &name_of)
-            ),
-        },
+        _ => bail!(
+            "{display}: holds several images; name one with :TAG ({})",
+            list_names(descriptors, &name_of)
+        ),
     };
     let ref_name = name_of(chosen);
     let digest: Digest = chosen.digest().as_ref().parse()?;
