@@ -119,6 +119,8 @@ struct FetchState {
     next: Instant,
     first_failure: Option<Instant>,
     have: Option<PathBuf>,
+    /// Running on the fallback binary: keep trying to download meanwhile.
+    on_fallback: bool,
 }
 
 /// How the loop ends.
@@ -218,6 +220,7 @@ impl Supervisor {
             next: Instant::now(),
             first_failure: None,
             have: None,
+            on_fallback: false,
         });
     }
 
@@ -391,6 +394,10 @@ impl Supervisor {
                 if status == 0 {
                     log("agent binary downloaded and verified");
                     f.have = Some(f.cfg.dest.clone());
+                    if f.on_fallback {
+                        log("the agent switches to the downloaded binary at its next restart");
+                    }
+                    f.on_fallback = false;
                     f.attempts = 0;
                     f.first_failure = None;
                 } else {
@@ -637,7 +644,7 @@ impl Supervisor {
     fn tick_fetch(&mut self, now: Instant) {
         let agent_running = self.agent.is_some_and(|a| self.units[a].pid.is_some());
         let Some(f) = &mut self.fetch else { return };
-        if f.pid.is_none() && f.have.is_none() && now >= f.next {
+        if f.pid.is_none() && (f.have.is_none() || f.on_fallback) && now >= f.next {
             match spawn(
                 &f.cfg.argv,
                 &f.cfg.env,
@@ -675,6 +682,7 @@ impl Supervisor {
                         fallback.display()
                     ));
                     f.have = Some(fallback.clone());
+                    f.on_fallback = true;
                 }
             }
         }
@@ -809,7 +817,7 @@ impl Supervisor {
             }
         }
         if let Some(f) = &self.fetch {
-            if f.pid.is_none() && f.have.is_none() {
+            if f.pid.is_none() && (f.have.is_none() || f.on_fallback) {
                 consider(f.next);
             }
         }
