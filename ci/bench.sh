@@ -503,3 +503,10 @@ EOF
     mv "$DOC.tmp" "$DOC"
     log "wrote $DOC"
 fi
+
+# hakim-init figures (size, idle RSS, SIGTERM→exit) next to tini-static.
+if [ "${HAKIM_BENCH_INIT:-1}" = 1 ]; then
+    echo
+    echo "== hakim-init =="
+    "$(dirname "$0")/bench-init.sh"
+fi

@@ -758,7 +758,7 @@ fn spawn_version(path: &Path, opts: &FetchOptions) -> io::Result<std::process::C
             .env("HOME", "/")
             .env("LANG", "C.UTF-8")
             .current_dir("/")
-            .stdin(Stdio::null())
+            .stdin(crate::spawn::null_stdin()?)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Own process group, so a timeout kills anything it started too.

@@ -25,6 +25,18 @@ pub struct Spawned {
     pub output: Option<OwnedFd>,
 }
 
+/// Standard input reading EOF: `/dev/null`, or, in a root without one (a bare
+/// chroot), the read end of a pipe whose write end is already closed.
+pub fn null_stdin() -> io::Result<Stdio> {
+    match std::fs::File::open("/dev/null") {
+        Ok(f) => Ok(Stdio::from(f)),
+        Err(_) => {
+            let (r, _w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            Ok(Stdio::from(r))
+        }
+    }
+}
+
 /// Starts `argv` with exactly `env`. With `capture`, stdout and stderr go to a
 /// pipe PID 1 reads (to prefix lines with the service name); otherwise they are
 /// inherited (the console).
@@ -42,7 +54,7 @@ pub fn spawn(
     cmd.args(args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null());
+        .stdin(null_stdin()?);
     // A missing cwd would make the spawn fail; fall back to / like login does.
     cmd.current_dir(if cwd.is_dir() { cwd } else { Path::new("/") });
     let mut reader = None;

@@ -391,7 +391,9 @@ impl Supervisor {
         if let Some(f) = &mut self.fetch {
             if f.pid == Some(pid) {
                 f.pid = None;
-                if status == 0 {
+                if self.stopping.is_some() {
+                    // Killed by the stop sequence: not a failure, nothing to retry.
+                } else if status == 0 {
                     log("agent binary downloaded and verified");
                     f.have = Some(f.cfg.dest.clone());
                     if f.on_fallback {
@@ -645,12 +647,14 @@ impl Supervisor {
         let agent_running = self.agent.is_some_and(|a| self.units[a].pid.is_some());
         let Some(f) = &mut self.fetch else { return };
         if f.pid.is_none() && (f.have.is_none() || f.on_fallback) && now >= f.next {
+            remove_partial_downloads(&f.cfg.dest);
+            // Not captured: the child's lines already say `hakim-init: fetch:`.
             match spawn(
                 &f.cfg.argv,
                 &f.cfg.env,
                 std::path::Path::new("/"),
                 None,
-                true,
+                false,
             ) {
                 Ok(s) => {
                     f.pid = Some(s.pid);
@@ -779,6 +783,8 @@ impl Supervisor {
             if self.units[m].phase == Phase::Done && self.stopping.is_none() {
                 let code = self.units[m].last_status.unwrap_or(0);
                 self.begin_stop(Ending::Exit(code), "command exited");
+                // Start stopping at once: nothing may be left to wait for.
+                self.tick_stop(Instant::now());
                 if let Some(st) = &mut self.stopping {
                     st.ending = Ending::Exit(code);
                 }
@@ -828,7 +834,6 @@ impl Supervisor {
             if let Some((d, _)) = st.sweep {
                 consider(d);
             }
-            consider(now + Duration::from_millis(50));
         }
         t
     }
@@ -869,6 +874,22 @@ impl Supervisor {
     fn drain_outputs(&mut self) {
         let all: Vec<usize> = (0..self.outputs.len()).collect();
         self.read_outputs(&all);
+    }
+}
+
+/// A download killed mid-way (stop, power loss) leaves `.NAME.part-*` next to
+/// the destination; only one download runs at a time, so any such file is stale.
+fn remove_partial_downloads(dest: &std::path::Path) {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.part-", name.to_string_lossy());
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 }
 

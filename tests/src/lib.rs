@@ -5,6 +5,7 @@
 //! with Proxmox VE's exact flags extracts the converter's artifact. [`tree`] snapshots both
 //! results and reports their differences.
 
+pub mod init_harness;
 pub mod tree;
 
 use std::collections::HashSet;
@@ -524,3 +525,5 @@ pub fn is_artifact_name(name: &OsStr) -> bool {
     let name = name.to_string_lossy();
     name.ends_with(".tar") || name.contains(".tar.")
 }
+
+pub mod lxc;
