@@ -392,7 +392,9 @@ impl Supervisor {
             if f.pid == Some(pid) {
                 f.pid = None;
                 if self.stopping.is_some() {
-                    // Killed by the stop sequence: not a failure, nothing to retry.
+                    // Killed by the stop sequence: not a failure, nothing to retry;
+                    // its temp file cannot have been removed by the child itself.
+                    remove_partial_downloads(&f.cfg.dest);
                 } else if status == 0 {
                     log("agent binary downloaded and verified");
                     f.have = Some(f.cfg.dest.clone());
