@@ -81,10 +81,20 @@ pub fn spawn(
                     return Err(io::Error::last_os_error());
                 }
             }
+            // Raw rt_sigaction: libc wrappers refuse the signals they reserve
+            // (glibc 32–33, musl 32–34), yet a parent may have left them ignored.
+            // An all-zero kernel sigaction is SIG_DFL, no flags, empty mask on every
+            // architecture, whatever its layout.
+            let default_action = [0u64; 4];
             for sig in 1..=64 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    // Fails harmlessly for the two signals glibc reserves.
-                    libc::signal(sig, libc::SIG_DFL);
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        default_action.as_ptr(),
+                        std::ptr::null_mut::<u8>(),
+                        8usize,
+                    );
                 }
             }
             let mut empty: libc::sigset_t = std::mem::zeroed();

@@ -531,11 +531,11 @@ impl Supervisor {
                 u.start_seq = self.seq;
                 u.phase = Phase::Running;
                 u.ready = u.spec.ready.is_none();
-                u.ready_deadline = u
-                    .spec
-                    .ready
-                    .as_ref()
-                    .map(|r| now + Duration::from_secs(r.timeout));
+                // Measured from the first attempt: restarts do not extend the wait
+                // of what depends on this unit.
+                let timeout = u.spec.ready.as_ref().map_or(0, |r| r.timeout);
+                u.ready_deadline
+                    .get_or_insert(now + Duration::from_secs(timeout));
                 u.next_probe = now;
             }
             Err(e) => {
@@ -550,6 +550,11 @@ impl Supervisor {
                     u.phase = Phase::Done;
                     return;
                 }
+                // A unit that cannot even start must not hold back what waits for it
+                // longer than its readiness timeout (none without a ready check).
+                let timeout = u.spec.ready.as_ref().map_or(0, |r| r.timeout);
+                u.ready_deadline
+                    .get_or_insert(now + Duration::from_secs(timeout));
                 let delay = backoff(u.failures, Duration::from_secs(1), u.spec.backoff_max);
                 u.failures += 1;
                 u.next_start = now + delay;
@@ -567,20 +572,27 @@ impl Supervisor {
 
     fn check_ready(&mut self, i: usize, now: Instant) {
         let u = &mut self.units[i];
-        if u.ready || u.phase != Phase::Running || u.probe.is_some() || now < u.next_probe {
+        if u.ready {
+            return;
+        }
+        // Running or retrying, but not ready in time: stop holding others back.
+        if matches!(u.phase, Phase::Running | Phase::Backoff)
+            && u.ready_deadline.is_some_and(|d| now >= d)
+        {
+            warn(format!(
+                "{} not ready after {} s; starting what waits for it anyway",
+                u.spec.name,
+                u.spec.ready.as_ref().map_or(0, |r| r.timeout)
+            ));
+            u.ready = true;
+            return;
+        }
+        if u.phase != Phase::Running || u.probe.is_some() || now < u.next_probe {
             return;
         }
         let Some(ready) = u.spec.ready.clone() else {
             return;
         };
-        if u.ready_deadline.is_some_and(|d| now >= d) {
-            log(format!(
-                "{} not ready after {} s; starting what waits for it anyway",
-                u.spec.name, ready.timeout
-            ));
-            u.ready = true;
-            return;
-        }
         u.next_probe = now + Duration::from_millis(200);
         let mut ok = false;
         if let Some(p) = &ready.path {
@@ -824,9 +836,21 @@ impl Supervisor {
                 consider(u.next_probe);
             }
         }
+        for u in &self.units {
+            if !u.ready {
+                if let Some(d) = u.ready_deadline {
+                    consider(d);
+                }
+            }
+        }
         if let Some(f) = &self.fetch {
             if f.pid.is_none() && (f.have.is_none() || f.on_fallback) {
                 consider(f.next);
+            }
+            if let (None, Some(first)) = (&f.have, f.first_failure) {
+                if f.cfg.fallback.is_some() {
+                    consider(first + f.cfg.fallback_after);
+                }
             }
         }
         if let Some(st) = &self.stopping {
