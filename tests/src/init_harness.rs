@@ -21,11 +21,11 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::{run_ok, strict, workspace_root};
+use crate::{find_on_path, run_ok, workspace_root};
 
 extern "C" {
     fn kill(pid: c_int, sig: c_int) -> c_int;
@@ -92,13 +92,6 @@ pub fn send_signal(pid: i32, sig: i32) -> bool {
     unsafe { kill(pid, sig) == 0 }
 }
 
-fn find_on_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-}
-
 fn tool(name: &str) -> PathBuf {
     find_on_path(name)
         .or_else(|| {
@@ -141,23 +134,10 @@ pub fn init_ready() -> bool {
         }
         missing
     });
-    if missing.is_empty() {
-        return true;
-    }
-    if strict() {
-        panic!("HAKIM_E2E=1 but required: {} missing", missing.join(", "));
-    }
-    for what in missing {
-        println!("skipping: {what} missing");
-    }
-    false
+    crate::gate(missing)
 }
 
-/// Tests that watch timings run one at a time (the machine has few cores).
-pub fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub use crate::serial;
 
 /// The static `hakim-init`, built once per test process by `ci/build-init.sh`.
 pub fn init_bin() -> &'static Path {

@@ -38,6 +38,29 @@ pub fn strict() -> bool {
     std::env::var("HAKIM_E2E").as_deref() == Ok("1")
 }
 
+/// Decides on a list of missing prerequisites: `true` when there are none;
+/// otherwise prints `skipping: <what> missing` and returns `false`, or panics
+/// when `HAKIM_E2E=1`.
+pub fn gate(missing: &[String]) -> bool {
+    if missing.is_empty() {
+        return true;
+    }
+    if strict() {
+        panic!("HAKIM_E2E=1 but required: {} missing", missing.join(", "));
+    }
+    for what in missing {
+        println!("skipping: {what} missing");
+    }
+    false
+}
+
+/// Tests that watch timings or share system state run one at a time (the
+/// machine has few cores).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The gate every test starts with. Returns `true` when root and every tool in [`TOOLS`] are
 /// available. Otherwise prints `skipping: <what> missing` and returns `false`, or panics when
 /// `HAKIM_E2E=1`.
@@ -57,16 +80,7 @@ pub fn ready() -> bool {
         }
         missing
     });
-    if missing.is_empty() {
-        return true;
-    }
-    if strict() {
-        panic!("HAKIM_E2E=1 but required: {} missing", missing.join(", "));
-    }
-    for what in missing {
-        println!("skipping: {what} missing");
-    }
-    false
+    gate(missing)
 }
 
 fn find_on_path(tool: &str) -> Option<PathBuf> {

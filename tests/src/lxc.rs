@@ -24,13 +24,13 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::{effective_uid, find_on_path, show, strict, workspace_root};
+use crate::{effective_uid, find_on_path, show, workspace_root};
 
 /// Tools the LXC tests run.
 pub const TOOLS: &[&str] = &[
@@ -73,24 +73,10 @@ pub fn ready() -> bool {
         }
         missing
     });
-    if missing.is_empty() {
-        return true;
-    }
-    if strict() {
-        panic!("HAKIM_E2E=1 but required: {} missing", missing.join(", "));
-    }
-    for what in missing {
-        println!("skipping: {what} missing");
-    }
-    false
+    crate::gate(missing)
 }
 
-/// Containers run one at a time (the tests measure timings, and share the CPU with the rest
-/// of the suite).
-pub fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub use crate::serial;
 
 /// `true` for an ELF file with no `PT_INTERP` program header (static or static-pie).
 pub fn is_static_elf(path: &Path) -> bool {
