@@ -20,7 +20,7 @@ const USAGE: &str = "usage: hakim-init [-- COMMAND [ARGS...]]
   or CODER_AGENT_BOOTSTRAP) until stopped.
   With a command: run it as the main child like tini; exit with its status.";
 
-fn millis_env(env: &Env, name: &str, default: Duration) -> Duration {
+fn secs_env(env: &Env, name: &str, default: Duration) -> Duration {
     env.get(name)
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| *s >= 0.0)
@@ -99,7 +99,8 @@ pub fn run(args: &[String]) -> i32 {
     let user = prepare_workspace(&sys, &merged, is_pid1, daemon);
 
     let mut sup = Supervisor::new(is_pid1);
-    sup.final_grace = millis_env(&merged, "HAKIM_FINAL_GRACE", Duration::from_secs(3));
+    sup.final_grace = secs_env(&merged, "HAKIM_FINAL_GRACE", Duration::from_secs(3));
+    sup.agent_recheck = secs_env(&merged, "HAKIM_AGENT_RECHECK", Duration::from_secs(60));
     let public_env: Vec<(String, String)> = merged
         .iter()
         .filter(|(k, _)| !crate::agent_config::is_secret_env(k))
@@ -146,7 +147,7 @@ pub fn run(args: &[String]) -> i32 {
             ids: None,
             restart: Restart::Never,
             stop_signal: libc::SIGTERM,
-            stop_grace: millis_env(&merged, "HAKIM_STOP_GRACE", Duration::from_secs(10)),
+            stop_grace: secs_env(&merged, "HAKIM_STOP_GRACE", Duration::from_secs(10)),
             ready: None,
             after: Vec::new(),
             clean: Vec::new(),

@@ -162,6 +162,8 @@ pub struct Supervisor {
     agent_waits_for: Vec<String>,
     agent_source: Option<AgentSource>,
     next_agent_check: Instant,
+    /// How often an unusable agent configuration is looked at again.
+    pub agent_recheck: Duration,
 }
 
 impl Supervisor {
@@ -179,6 +181,7 @@ impl Supervisor {
             agent_waits_for: Vec::new(),
             agent_source: None,
             next_agent_check: Instant::now(),
+            agent_recheck: Duration::from_secs(60),
         }
     }
 
@@ -634,10 +637,11 @@ impl Supervisor {
                         self.add_agent(spec, fetch);
                     }
                     Err(problem) => {
-                        log(format!(
-                            "Coder agent not started: {problem} (checking again in 60 s)"
+                        warn(format!(
+                            "Coder agent not started: {problem} (checking again in {} s)",
+                            self.agent_recheck.as_secs_f64()
                         ));
-                        self.next_agent_check = now + Duration::from_secs(60);
+                        self.next_agent_check = now + self.agent_recheck;
                     }
                 }
             }

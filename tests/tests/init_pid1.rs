@@ -1275,3 +1275,56 @@ fn units_stop_in_reverse_start_order_agent_first() {
         "{t}"
     );
 }
+
+#[test]
+fn missing_token_file_is_reported_until_it_appears_and_services_keep_running() {
+    if !init_ready() {
+        return;
+    }
+    let _g = serial();
+    let server = Server::start(Vec::new(), fake_coder_reply());
+    let root = Rootfs::new();
+    root.service(
+        "keep.toml",
+        "command = [\"/bin/sleep\", \"1000\"]\nstop_grace = 2\n",
+    );
+    let url = server.url();
+    let env = [
+        ("CODER_AGENT_URL", url.as_str()),
+        ("CODER_AGENT_TOKEN_FILE", "/var/lib/coder-token"),
+        ("FAKE_CODER_RECORD", RECORD),
+        ("HAKIM_AGENT_RECHECK", "1"),
+        ("HAKIM_INIT_VERBOSE", "1"),
+    ];
+    let mut init = Init::start(&root, &env, None);
+    // The problem is logged, then again after each recheck period.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let count = |init: &Init| {
+        init.lines()
+            .iter()
+            .filter(|l| l.text.contains("Coder agent not started"))
+            .count()
+    };
+    while count(&init) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the problem was not reported twice: {}",
+            init.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !init.lines().iter().any(|l| l.text.contains(TOKEN)),
+        "the token leaked into the log"
+    );
+    // Services run meanwhile.
+    init.wait_proc(Duration::from_secs(10), |p| p.cmd().contains("sleep 1000"));
+    // The token file appears: the agent starts.
+    root.write("var/lib/coder-token", &format!("{TOKEN}\n"));
+    let start = wait_starts(&root, &init, 1, Duration::from_secs(20))
+        .pop()
+        .unwrap();
+    assert_eq!(start["argv"][1], "agent");
+    assert!(init.signal(SIGTERM));
+    assert_eq!(code(init.wait_exit(Duration::from_secs(20))), Some(0));
+}
