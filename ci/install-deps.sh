@@ -3,8 +3,8 @@
 # does nothing when every tool is already present.
 set -euo pipefail
 
-packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq musl-tools busybox-static lxc e2fsprogs)
-tools=(skopeo umoci buildah debootstrap tar xz zstd getfattr getcap file jq musl-gcc busybox lxc-start mkfs.ext4)
+packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq musl-tools busybox-static lxc e2fsprogs docker-registry apache2-utils openssl)
+tools=(skopeo umoci buildah debootstrap tar xz zstd getfattr getcap file jq musl-gcc busybox lxc-start mkfs.ext4 docker-registry htpasswd openssl)
 
 missing=()
 for i in "${!tools[@]}"; do
