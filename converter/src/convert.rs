@@ -14,6 +14,7 @@ use crate::compress::{Encoder, OutputCompression};
 use crate::flatten::{self, EmitOptions, EmitStats};
 use crate::layer::Compression;
 use crate::output::{self, HashWrite, PendingFile};
+use crate::registry::{RegistryOptions, RegistryStats};
 use crate::source::{self, Platform};
 use crate::tarout::TarWriter;
 use crate::tree::Kind;
@@ -56,6 +57,9 @@ pub struct ConvertOptions {
     pub cancel: Arc<AtomicBool>,
     /// Show a progress bar (only effective on a terminal).
     pub progress: bool,
+    /// Registry sources: cache, credentials, TLS, parallelism, download progress.
+    /// Its `cancel` flag is replaced by [`ConvertOptions::cancel`].
+    pub registry: RegistryOptions,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -78,6 +82,9 @@ pub struct SourceSummary {
     pub platform: String,
     pub os_id: Option<String>,
     pub layers: Vec<LayerSummary>,
+    /// Registry sources only: bytes and blobs downloaded vs found in the cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryStats>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -119,7 +126,12 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     if let Some(name) = &opts.name {
         output::check_file_name(name)?;
     }
-    let image = source::open(&opts.source, opts.platform.as_ref())?;
+    let registry = RegistryOptions {
+        cancel: opts.cancel.clone(),
+        ..opts.registry.clone()
+    };
+    let (image, registry_stats) =
+        source::open_with(&opts.source, opts.platform.as_ref(), &registry)?;
     cancelled(&opts.cancel)?;
     let spinner = if opts.progress {
         indicatif::ProgressBar::new_spinner()
@@ -280,6 +292,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
             platform: image.platform.to_string(),
             os_id,
             layers,
+            registry: registry_stats,
         },
         entries: stats,
         warnings,

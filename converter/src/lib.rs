@@ -4,7 +4,8 @@
 //! ordered list of layer blobs; [`flatten`] reads every layer once to build the
 //! merged [`tree`] (metadata only, digests verified), then streams the layers a
 //! second time through [`tarout`] and [`compress`] into an artifact written under
-//! a temporary name by [`output`].
+//! a temporary name by [`output`]. Registry sources are pulled by [`registry`] into
+//! a shared blob cache first.
 
 pub mod compress;
 pub mod convert;
@@ -13,6 +14,7 @@ pub mod flatten;
 pub mod layer;
 pub mod output;
 pub mod path;
+pub mod registry;
 pub mod sample;
 pub mod source;
 pub mod tarout;

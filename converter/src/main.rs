@@ -11,23 +11,30 @@ use clap::{Args, Parser, Subcommand};
 
 use hakim_convert::compress::OutputCompression;
 use hakim_convert::convert::{convert, ConvertOptions, Summary};
+use hakim_convert::registry::{Credentials, ProgressMode, RegistryOptions, RetryPolicy};
 use hakim_convert::source::Platform;
 
+/// `hakim-convert SOURCE --out DIR …` is `hakim-convert convert SOURCE -o DIR …`.
 #[derive(Parser)]
 #[command(
     name = "hakim-convert",
     version,
-    about = "Turn OCI/Docker images into Proxmox VE rootfs templates"
+    about = "Turn OCI/Docker images into Proxmox VE rootfs templates",
+    args_conflicts_with_subcommands = true,
+    arg_required_else_help = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    convert: Option<ConvertArgs>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Flatten an image into a Proxmox rootfs template (vztmpl) plus sha256sums.txt.
-    Convert(ConvertArgs),
+    Convert(Box<ConvertArgs>),
     /// Build a small sample image (OCI layout) and convert it: the quickest way to see the tool work.
     Demo {
         /// Where the sample layout and the artifact go.
@@ -41,10 +48,11 @@ enum Command {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG|@N]
+    /// oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG|@N],
+    /// docker://[HOST/]NAME[:TAG|@DIGEST] or HOST/NAME[:TAG|@DIGEST] (e.g. ghcr.io/owner/name)
     source: String,
     /// Output directory (created if missing).
-    #[arg(short, long)]
+    #[arg(short, long, visible_alias = "out")]
     output_dir: PathBuf,
     /// Platform to pick from a multi-platform index.
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
@@ -69,9 +77,65 @@ struct ConvertArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
-    /// No progress bar.
+    /// No progress bar (and no download progress lines).
     #[arg(long, short)]
     quiet: bool,
+    // Registry options live here rather than in a flattened struct: clap cannot
+    // tell whether an `Option<Args>` with a nested flatten was given, and the
+    // top-level `hakim-convert SOURCE --out DIR` form relies on that.
+    /// Blob cache shared by all runs [default: $XDG_CACHE_HOME/hakim-convert or ~/.cache/hakim-convert].
+    #[arg(long, value_name = "DIR", help_heading = REG)]
+    cache_dir: Option<PathBuf>,
+    /// Registry credentials (prefer --creds-file: arguments are visible to other users).
+    #[arg(long, value_name = "USER:PASSWORD", help_heading = REG)]
+    creds: Option<String>,
+    /// File holding USER:PASSWORD (or USER:TOKEN).
+    #[arg(long, value_name = "FILE", conflicts_with = "creds", help_heading = REG)]
+    creds_file: Option<PathBuf>,
+    /// Extra trusted CA certificates (PEM), on top of the system bundle. Repeatable.
+    #[arg(long, value_name = "FILE", help_heading = REG)]
+    ca_cert: Vec<PathBuf>,
+    /// Allow plain HTTP to any registry and accept any TLS certificate.
+    #[arg(long, help_heading = REG)]
+    insecure: bool,
+    /// Parallel layer downloads.
+    #[arg(long, value_name = "N", help_heading = REG, default_value_t = hakim_convert::registry::DEFAULT_JOBS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: u16,
+    /// Attempts per request or blob before giving up (retries back off exponentially).
+    #[arg(long, value_name = "N", help_heading = REG, default_value_t = RetryPolicy::default().max_attempts,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_attempts: u32,
+    /// Seconds a read may stall before the download is retried (resuming).
+    #[arg(long, value_name = "SECS", help_heading = REG, default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    read_timeout: u64,
+}
+
+const REG: &str = "Registry sources";
+
+impl ConvertArgs {
+    fn registry_options(&self, progress: ProgressMode) -> Result<RegistryOptions> {
+        let credentials = match &self.creds {
+            Some(c) => Some(Credentials::parse_pair(c).context("--creds")?),
+            None => None,
+        };
+        Ok(RegistryOptions {
+            cache_dir: self.cache_dir.clone(),
+            credentials,
+            credentials_file: self.creds_file.clone(),
+            ca_certs: self.ca_cert.clone(),
+            insecure: self.insecure,
+            jobs: usize::from(self.jobs),
+            retry: RetryPolicy {
+                max_attempts: self.max_attempts,
+                ..RetryPolicy::default()
+            },
+            read_timeout: std::time::Duration::from_secs(self.read_timeout),
+            progress,
+            ..RegistryOptions::default()
+        })
+    }
 }
 
 fn source_date_epoch() -> Result<Option<u64>> {
@@ -96,25 +160,41 @@ fn cancel_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// Prints the summary. A closed stdout (`| head`) is not an error worth a panic.
 fn report(summary: &Summary, json: bool) -> Result<()> {
+    match write_report(summary, json) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn write_report(summary: &Summary, json: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
     for w in &summary.warnings {
         eprintln!("warning: {w}");
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(summary)?);
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(summary).map_err(std::io::Error::other)?
+        )?;
         return Ok(());
     }
     let e = &summary.entries;
-    println!("{}", summary.artifact.display());
-    println!("  sha256      {}", summary.sha256);
-    println!(
+    writeln!(out, "{}", summary.artifact.display())?;
+    writeln!(out, "  sha256      {}", summary.sha256)?;
+    writeln!(
+        out,
         "  size        {:.1} MiB ({:?} level {}) from {:.1} MiB of tar",
         summary.size as f64 / 1048576.0,
         summary.compression,
         summary.level,
         e.tar_bytes as f64 / 1048576.0
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  source      {} ({}, {} layers{})",
         summary.source.reference,
         summary.source.platform,
@@ -125,27 +205,44 @@ fn report(summary: &Summary, json: bool) -> Result<()> {
             .as_deref()
             .map(|d| format!(", {d}"))
             .unwrap_or_default()
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "  entries     {} ({} dirs, {} files, {} symlinks, {} hardlinks, {} fifos)",
         e.entries, e.directories, e.files, e.symlinks, e.hardlinks, e.fifos
-    );
+    )?;
     if e.devices_dropped + e.xattrs_dropped > 0 {
-        println!(
+        writeln!(
+            out,
             "  dropped     {} device nodes, {} xattrs",
             e.devices_dropped, e.xattrs_dropped
-        );
+        )?;
     }
-    println!("  checksums   {}", summary.sums_file.display());
-    println!("  took        {:.1} s", summary.seconds);
+    writeln!(out, "  checksums   {}", summary.sums_file.display())?;
+    writeln!(out, "  took        {:.1} s", summary.seconds)?;
     Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     let cancel = cancel_flag()?;
     let progress = std::io::stderr().is_terminal();
-    match cli.command {
+    let command = match (cli.command, cli.convert) {
+        (Some(c), _) => c,
+        (None, Some(a)) => Command::Convert(Box::new(a)),
+        (None, None) => {
+            use clap::CommandFactory;
+            Cli::command().print_help()?;
+            std::process::exit(2);
+        }
+    };
+    match command {
         Command::Convert(a) => {
+            let mode = match (a.quiet, progress) {
+                (true, _) => ProgressMode::Quiet,
+                (false, true) => ProgressMode::Bars,
+                (false, false) => ProgressMode::Lines,
+            };
+            let registry = a.registry_options(mode)?;
             let summary = convert(&ConvertOptions {
                 source: a.source,
                 output_dir: a.output_dir,
@@ -159,6 +256,7 @@ fn run(cli: Cli) -> Result<()> {
                 source_date_epoch: source_date_epoch()?,
                 cancel,
                 progress: progress && !a.quiet,
+                registry,
             })?;
             report(&summary, a.json)
         }
@@ -185,6 +283,7 @@ fn run(cli: Cli) -> Result<()> {
                 source_date_epoch: source_date_epoch()?,
                 cancel,
                 progress,
+                registry: RegistryOptions::default(),
             })?;
             report(&summary, json)
         }
@@ -199,5 +298,98 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn top_level_form_is_convert() {
+        let cli = Cli::try_parse_from([
+            "hakim-convert",
+            "127.0.0.1:5000/hakim-elixir:latest",
+            "--out",
+            "out",
+            "--jobs",
+            "2",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        let a = cli.convert.unwrap();
+        assert_eq!(a.source, "127.0.0.1:5000/hakim-elixir:latest");
+        assert_eq!(a.output_dir, PathBuf::from("out"));
+        assert_eq!(a.jobs, 2);
+
+        let cli = Cli::try_parse_from(["hakim-convert", "convert", "oci:x", "-o", "o"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Convert(a)) if a.source == "oci:x"));
+        let cli = Cli::try_parse_from(["hakim-convert", "demo", "-o", "d"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Demo { .. })));
+        assert!(Cli::try_parse_from(["hakim-convert", "ghcr.io/a/b"]).is_err());
+        assert!(Cli::try_parse_from([
+            "hakim-convert",
+            "x",
+            "-o",
+            "o",
+            "--creds",
+            "a:b",
+            "--creds-file",
+            "f"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn registry_flags() {
+        let cli = Cli::try_parse_from([
+            "hakim-convert",
+            "ghcr.io/a/b",
+            "--out",
+            "o",
+            "--creds",
+            "me:secret",
+            "--ca-cert",
+            "a.pem",
+            "--ca-cert",
+            "b.pem",
+            "--insecure",
+            "--cache-dir",
+            "/c",
+            "--max-attempts",
+            "3",
+        ])
+        .unwrap();
+        let o = cli
+            .convert
+            .unwrap()
+            .registry_options(ProgressMode::Lines)
+            .unwrap();
+        assert_eq!(o.credentials, Some(Credentials::new("me", "secret")));
+        assert_eq!(o.ca_certs.len(), 2);
+        assert!(o.insecure);
+        assert_eq!(o.cache_dir, Some(PathBuf::from("/c")));
+        assert_eq!(o.retry.max_attempts, 3);
+        assert_eq!(o.jobs, 4);
+        let bad = Cli::try_parse_from([
+            "hakim-convert",
+            "ghcr.io/a/b",
+            "--out",
+            "o",
+            "--creds",
+            "nocolon",
+        ])
+        .unwrap()
+        .convert
+        .unwrap()
+        .registry_options(ProgressMode::Quiet)
+        .unwrap_err();
+        assert!(!format!("{bad:#}").contains("nocolon"));
     }
 }

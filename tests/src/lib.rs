@@ -541,3 +541,4 @@ pub fn is_artifact_name(name: &OsStr) -> bool {
 }
 
 pub mod lxc;
+pub mod registry;

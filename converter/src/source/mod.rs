@@ -2,13 +2,16 @@
 //! blobs) and a [`BlobStore`] that can open each layer any number of times.
 //!
 //! Transports use skopeo's prefixes: `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
-//! `docker-archive:FILE[:NAME:TAG|@INDEX]`. Everything after resolution is
-//! transport-agnostic, so the registry transport plugs into the same pipeline.
+//! `docker-archive:FILE[:NAME:TAG|@INDEX]`, `docker://REF`; a bare reference whose
+//! first component is a host (`ghcr.io/owner/name:tag`, `127.0.0.1:5000/name`) is a
+//! registry reference too. Everything after resolution is transport-agnostic: the
+//! registry transport downloads into its blob cache and the flattener reads from there.
 
 pub mod docker_archive;
 pub mod manifest;
 pub mod oci_archive;
 pub mod oci_layout;
+pub mod registry;
 mod tar_index;
 
 use std::fmt;
@@ -19,6 +22,7 @@ use anyhow::{bail, Result};
 
 use crate::digest::Digest;
 use crate::layer::LayerDesc;
+use crate::registry::{Reference, RegistryOptions, RegistryStats};
 
 /// `os/arch[/variant]`, as in `--platform linux/arm64/v8`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -128,6 +132,7 @@ pub enum Transport {
         file: String,
         selector: Option<String>,
     },
+    Registry(Reference),
 }
 
 impl FromStr for Transport {
@@ -153,33 +158,50 @@ impl FromStr for Transport {
             let (file, selector) = split(rest);
             return Ok(Transport::DockerArchive { file, selector });
         }
-        if s.starts_with("docker://")
-            || s.contains('/') && !s.starts_with('/') && !s.starts_with('.')
-        {
-            bail!(
-                "'{s}': pulling from registries is not in this build yet; \
-                 export the image first (skopeo copy docker://… oci:DIR:TAG) and use oci:DIR:TAG"
-            );
+        if s.starts_with("docker://") || crate::registry::reference::looks_like_registry(s) {
+            return Ok(Transport::Registry(Reference::parse(s)?));
         }
         bail!(
-            "'{s}': unknown source; use oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE"
+            "'{s}': unknown source; use oci:DIR[:TAG], oci-archive:FILE[:TAG], \
+             docker-archive:FILE, docker://[HOST/]NAME[:TAG] or HOST/NAME[:TAG] \
+             (a bare registry reference needs a host with '.' or ':', or localhost)"
         )
     }
 }
 
 /// Resolves a source reference for the requested platform (`None` = linux/amd64,
-/// with only a warning when a single-platform image is something else).
+/// with only a warning when a single-platform image is something else). Registry
+/// references use default [`RegistryOptions`].
 pub fn open(reference: &str, platform: Option<&Platform>) -> Result<ResolvedImage> {
+    open_with(reference, platform, &RegistryOptions::default()).map(|(image, _)| image)
+}
+
+/// [`open`] with registry options; for a registry reference, also what was
+/// downloaded and what the cache held.
+pub fn open_with(
+    reference: &str,
+    platform: Option<&Platform>,
+    registry: &RegistryOptions,
+) -> Result<(ResolvedImage, Option<RegistryStats>)> {
     let transport: Transport = reference.parse()?;
-    let mut image = match &transport {
-        Transport::OciLayout { dir, tag } => oci_layout::open(dir, tag.as_deref(), platform)?,
-        Transport::OciArchive { file, tag } => oci_archive::open(file, tag.as_deref(), platform)?,
-        Transport::DockerArchive { file, selector } => {
-            docker_archive::open(file, selector.as_deref(), platform)?
+    let (mut image, stats) = match &transport {
+        Transport::OciLayout { dir, tag } => {
+            (oci_layout::open(dir, tag.as_deref(), platform)?, None)
+        }
+        Transport::OciArchive { file, tag } => {
+            (oci_archive::open(file, tag.as_deref(), platform)?, None)
+        }
+        Transport::DockerArchive { file, selector } => (
+            docker_archive::open(file, selector.as_deref(), platform)?,
+            None,
+        ),
+        Transport::Registry(r) => {
+            let (image, stats) = registry::open(r, reference, platform, registry)?;
+            (image, Some(stats))
         }
     };
     image.reference = reference.to_string();
-    Ok(image)
+    Ok((image, stats))
 }
 
 /// The last path component of a repository reference, without tag or digest:
@@ -220,8 +242,25 @@ mod tests {
                 selector: Some("hakim-base:1".into())
             }
         );
-        assert!("ghcr.io/shekohex/hakim-base".parse::<Transport>().is_err());
         assert!("whatever".parse::<Transport>().is_err());
+        assert!("someone/tool".parse::<Transport>().is_err());
+        assert!("./dir/x".parse::<Transport>().is_err());
+        let Transport::Registry(r) = "ghcr.io/shekohex/hakim-base".parse::<Transport>().unwrap()
+        else {
+            panic!("not a registry reference")
+        };
+        assert_eq!(r.repository, "shekohex/hakim-base");
+        assert_eq!(r.tag.as_deref(), Some("latest"));
+        let Transport::Registry(r) = "docker://debian".parse::<Transport>().unwrap() else {
+            panic!("not a registry reference")
+        };
+        assert_eq!(r.api_host(), "registry-1.docker.io");
+        assert_eq!(r.repository, "library/debian");
+        assert!(matches!(
+            "127.0.0.1:5000/hakim-elixir:latest".parse::<Transport>(),
+            Ok(Transport::Registry(_))
+        ));
+        assert!("docker://ghcr.io/Bad/Name".parse::<Transport>().is_err());
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl Fixture {
             source_date_epoch: None,
             cancel: Arc::new(AtomicBool::new(false)),
             progress: false,
+            registry: Default::default(),
         }
     }
 

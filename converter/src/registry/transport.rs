@@ -1,0 +1,344 @@
+//! The HTTP agents: TLS trust (system CA bundle, `SSL_CERT_FILE`, `--ca-cert`,
+//! `--insecure`), proxies from the environment, and timeouts.
+//!
+//! ureq 3 with rustls (ring provider), the stack hakim-init already uses: blocking
+//! I/O fits a CLI whose every other step is blocking file I/O, and it spares the
+//! binary an async runtime. Redirects are never followed by ureq: the client does it
+//! so that `Authorization` can never reach another host.
+//!
+//! The proxy is chosen per URL (a registry redirects blobs to a CDN host that
+//! `NO_PROXY` may treat differently), so there is one agent per route: direct,
+//! through `https_proxy`, through `http_proxy`. Loopback is always direct.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::reference::is_loopback_host;
+
+/// CA bundles of the common distributions; the first one present is used.
+pub const SYSTEM_CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Alpine, Arch
+    "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",             // openSUSE
+    "/etc/ssl/cert.pem",                  // Alpine (LibreSSL), macOS-like
+];
+
+/// Proxy settings from the environment; lowercase names win, as in curl. Values are
+/// never printed (they may hold credentials).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ProxyEnv {
+    pub http: Option<String>,
+    pub https: Option<String>,
+    pub all: Option<String>,
+    pub no_proxy: Option<String>,
+}
+
+impl ProxyEnv {
+    pub fn from_lookup(env: &dyn Fn(&str) -> Option<String>) -> ProxyEnv {
+        let get = |lower: &str, upper: &str| {
+            env(lower)
+                .filter(|v| !v.trim().is_empty())
+                .or_else(|| env(upper).filter(|v| !v.trim().is_empty()))
+                .map(|v| v.trim().to_string())
+        };
+        ProxyEnv {
+            http: get("http_proxy", "HTTP_PROXY"),
+            https: get("https_proxy", "HTTPS_PROXY"),
+            all: get("all_proxy", "ALL_PROXY"),
+            no_proxy: get("no_proxy", "NO_PROXY"),
+        }
+    }
+}
+
+/// Whether `no_proxy` exempts `host` (`*`; `example.com`, `.example.com` and
+/// `*.example.com` match the domain and its subdomains; IPs exactly; CIDR blocks by
+/// containment; an optional `:port` restricts an entry to that port).
+pub fn no_proxy_matches(list: &str, host: &str, port: u16) -> bool {
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let ip: Option<IpAddr> = host.parse().ok();
+    list.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|e| !e.is_empty())
+        .any(|entry| {
+            if entry == "*" {
+                return true;
+            }
+            let (pattern, entry_port) = split_port(entry);
+            if entry_port.is_some_and(|p| p.parse::<u16>().ok() != Some(port)) {
+                return false;
+            }
+            if let Some((net, bits)) = pattern.split_once('/') {
+                return match (net.parse::<IpAddr>(), bits.parse::<u32>(), ip) {
+                    (Ok(net), Ok(bits), Some(ip)) => cidr_contains(net, bits, ip),
+                    _ => false,
+                };
+            }
+            if let Ok(p) = pattern.parse::<IpAddr>() {
+                return ip == Some(p);
+            }
+            let domain = pattern
+                .trim_start_matches('*')
+                .trim_start_matches('.')
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            !domain.is_empty()
+                && (host == domain
+                    || host
+                        .strip_suffix(domain.as_str())
+                        .is_some_and(|rest| rest.ends_with('.')))
+        })
+}
+
+fn split_port(entry: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = entry.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((addr, after)) => (addr, after.strip_prefix(':')),
+            None => (entry, None),
+        };
+    }
+    match entry.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, Some(p)),
+        _ => (entry, None),
+    }
+}
+
+fn cidr_contains(net: IpAddr, bits: u32, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(i)) if bits <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+            u32::from(n) & mask == u32::from(i) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(i)) if bits <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            u128::from(n) & mask == u128::from(i) & mask
+        }
+        _ => false,
+    }
+}
+
+/// How the agents are built.
+#[derive(Clone)]
+pub struct TransportOptions {
+    /// Accept any certificate (and, in the client, plain HTTP to any host).
+    pub insecure: bool,
+    /// Extra trusted CAs (`--ca-cert`), on top of the system's.
+    pub ca_certs: Vec<PathBuf>,
+    pub connect_timeout: Duration,
+    /// Longest wait for any single read: a stalled transfer fails and is resumed.
+    pub read_timeout: Duration,
+    pub proxy: ProxyEnv,
+    /// `SSL_CERT_FILE`, added like `--ca-cert`.
+    pub ssl_cert_file: Option<PathBuf>,
+}
+
+/// The agents of one run.
+pub struct Agents {
+    direct: ureq::Agent,
+    https_proxy: Option<ureq::Agent>,
+    http_proxy: Option<ureq::Agent>,
+    no_proxy: Option<String>,
+}
+
+impl Agents {
+    pub fn new(opts: &TransportOptions) -> Result<Agents> {
+        let roots = root_certs(opts)?;
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(roots)
+            .disable_verification(opts.insecure)
+            .build();
+        let build = |proxy: Option<ureq::Proxy>| -> ureq::Agent {
+            ureq::Agent::config_builder()
+                // Statuses are interpreted by the client, with the registry's message.
+                .http_status_as_error(false)
+                // Redirects are followed by hand: Authorization must not leak.
+                .max_redirects(0)
+                .timeout_connect(Some(opts.connect_timeout))
+                .timeout_per_read(Some(opts.read_timeout))
+                .user_agent(concat!("hakim-convert/", env!("CARGO_PKG_VERSION")))
+                // Always set, or ureq would read the proxy variables itself.
+                .proxy(proxy)
+                .tls_config(tls.clone())
+                .build()
+                .into()
+        };
+        let proxy_agent = |var: &str, value: &Option<String>| -> Result<Option<ureq::Agent>> {
+            let Some(v) = value else { return Ok(None) };
+            if v.split_once("://")
+                .is_some_and(|(s, _)| s.to_ascii_lowercase().starts_with("socks"))
+            {
+                bail!("{var}: SOCKS proxies are not supported; use an HTTP(S) proxy");
+            }
+            // The value may hold credentials: the error names only the variable.
+            let p = ureq::Proxy::new(v)
+                .map_err(|_| anyhow::anyhow!("{var} is not a valid proxy URL"))?;
+            Ok(Some(build(Some(p))))
+        };
+        let p = &opts.proxy;
+        let https_var = if p.https.is_some() {
+            "https_proxy"
+        } else {
+            "all_proxy"
+        };
+        let http_var = if p.http.is_some() {
+            "http_proxy"
+        } else {
+            "all_proxy"
+        };
+        Ok(Agents {
+            direct: build(None),
+            https_proxy: proxy_agent(https_var, &p.https.clone().or(p.all.clone()))?,
+            http_proxy: proxy_agent(http_var, &p.http.clone().or(p.all.clone()))?,
+            no_proxy: p.no_proxy.clone(),
+        })
+    }
+
+    /// The agent for a URL with this scheme, host and port.
+    pub fn for_target(&self, https: bool, host: &str, port: u16) -> &ureq::Agent {
+        let proxied = if https {
+            self.https_proxy.as_ref()
+        } else {
+            self.http_proxy.as_ref()
+        };
+        match proxied {
+            Some(a)
+                if !is_loopback_host(host)
+                    && !self
+                        .no_proxy
+                        .as_deref()
+                        .is_some_and(|l| no_proxy_matches(l, host, port)) =>
+            {
+                a
+            }
+            _ => &self.direct,
+        }
+    }
+}
+
+/// The system bundle (first found) plus `SSL_CERT_FILE` and `--ca-cert` files. With
+/// no system bundle and nothing added, Mozilla's roots compiled into ureq.
+fn root_certs(opts: &TransportOptions) -> Result<ureq::tls::RootCerts> {
+    let mut files: Vec<PathBuf> = SYSTEM_CA_BUNDLES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .into_iter()
+        .collect();
+    let system = files.len();
+    files.extend(opts.ssl_cert_file.iter().cloned());
+    files.extend(opts.ca_certs.iter().cloned());
+    if files.is_empty() {
+        return Ok(ureq::tls::RootCerts::WebPki);
+    }
+    let mut certs = Vec::new();
+    for (i, path) in files.iter().enumerate() {
+        let n = load_pem(path, &mut certs)?;
+        // A named CA file with nothing in it is a mistake worth stopping for.
+        if n == 0 && i >= system {
+            bail!("{} contains no PEM certificate", path.display());
+        }
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
+}
+
+fn load_pem(path: &Path, out: &mut Vec<ureq::tls::Certificate<'static>>) -> Result<usize> {
+    let pem =
+        std::fs::read(path).with_context(|| format!("cannot read CA file {}", path.display()))?;
+    let before = out.len();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let Ok(ureq::tls::PemItem::Certificate(c)) = item {
+            out.push(c);
+        }
+    }
+    Ok(out.len() - before)
+}
+
+/// Whether a request failed because the server's certificate is not trusted
+/// (as opposed to the server not speaking TLS at all).
+pub fn is_certificate_error(e: &ureq::Error) -> bool {
+    // rustls reports handshake failures as an io::Error wrapping its own error.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match e {
+        ureq::Error::Rustls(r) => return is_cert(r),
+        ureq::Error::Io(io) => Some(io),
+        other => Some(other),
+    };
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<rustls::Error>() {
+            return is_cert(r);
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return is_cert(r);
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn is_cert(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_proxy_rules() {
+        let l = "localhost, .corp.example,*.b.example,10.0.0.0/8,192.168.1.5,[::1]:8080,reg.example:5000";
+        assert!(no_proxy_matches(l, "x.corp.example", 443));
+        assert!(no_proxy_matches(l, "corp.example", 443));
+        assert!(no_proxy_matches(l, "b.example", 443));
+        assert!(!no_proxy_matches(l, "notcorp.example", 443));
+        assert!(no_proxy_matches(l, "10.2.3.4", 443));
+        assert!(!no_proxy_matches(l, "11.2.3.4", 443));
+        assert!(no_proxy_matches(l, "192.168.1.5", 80));
+        assert!(no_proxy_matches(l, "[::1]", 8080));
+        assert!(!no_proxy_matches(l, "[::1]", 8081));
+        assert!(no_proxy_matches(l, "reg.example", 5000));
+        assert!(!no_proxy_matches(l, "reg.example", 443));
+        assert!(no_proxy_matches("*", "anything", 1));
+        assert!(!no_proxy_matches("", "anything", 1));
+    }
+
+    #[test]
+    fn proxy_env_lowercase_wins() {
+        let env = |k: &str| match k {
+            "https_proxy" => Some("http://lower:3128".into()),
+            "HTTPS_PROXY" => Some("http://upper:3128".into()),
+            "NO_PROXY" => Some("ghcr.io".into()),
+            "http_proxy" => Some("  ".into()),
+            _ => None,
+        };
+        let p = ProxyEnv::from_lookup(&env);
+        assert_eq!(p.https.as_deref(), Some("http://lower:3128"));
+        assert_eq!(p.http, None);
+        assert_eq!(p.no_proxy.as_deref(), Some("ghcr.io"));
+    }
+
+    #[test]
+    fn empty_ca_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("ca.pem");
+        std::fs::write(&f, "not a certificate").unwrap();
+        let opts = TransportOptions {
+            insecure: false,
+            ca_certs: vec![f],
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+            proxy: ProxyEnv::default(),
+            ssl_cert_file: None,
+        };
+        let err = Agents::new(&opts).err().unwrap();
+        assert!(format!("{err:#}").contains("no PEM certificate"));
+    }
+}
