@@ -17,7 +17,6 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
-use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -34,14 +33,7 @@ pub const FETCH_SUBCOMMAND: &str = "__fetch-agent";
 /// Prefix of every line the fetch child prints.
 const LOG_PREFIX: &str = "hakim-init: fetch: ";
 
-/// CA bundles of the common distributions; the first one present is used.
-pub const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Alpine, Arch
-    "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL
-    "/etc/ssl/ca-bundle.pem",             // openSUSE
-    "/etc/ssl/cert.pem",                  // Alpine (LibreSSL), others
-];
-
+pub use hakim_netenv::{no_proxy_matches, SYSTEM_CA_BUNDLES};
 /// Variables the fetch child reads from its own environment. The parent must pass these
 /// through (and should pass nothing secret: the download needs no token).
 pub const FETCH_ENV: &[&str] = &[
@@ -152,86 +144,6 @@ impl ProxyEnv {
             Some(list) if no_proxy_matches(list, url.host(), port) => None,
             _ => Some(chosen),
         }
-    }
-}
-
-/// Whether `host` (as in a URL; IPv6 may be bracketed) on `port` is exempted by a `no_proxy`
-/// list. Entries are separated by commas or whitespace and matched case-insensitively:
-/// `*` matches everything; `example.com`, `.example.com` and `*.example.com` all match
-/// `example.com` and its subdomains (curl's reading); IP addresses match exactly and CIDR
-/// blocks (`10.0.0.0/8`, `fd00::/8`) by containment; an entry may end in `:port`
-/// (`[::1]:8080` for IPv6) and then matches only that port.
-pub fn no_proxy_matches(list: &str, host: &str, port: u16) -> bool {
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    let host_ip: Option<IpAddr> = host.parse().ok();
-    list.split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|e| !e.is_empty())
-        .any(|entry| no_proxy_entry_matches(entry, &host, host_ip, port))
-}
-
-fn no_proxy_entry_matches(entry: &str, host: &str, host_ip: Option<IpAddr>, port: u16) -> bool {
-    if entry == "*" {
-        return true;
-    }
-    let (pattern, entry_port) = split_entry_port(entry);
-    if let Some(p) = entry_port {
-        if p.parse::<u16>().ok() != Some(port) {
-            return false;
-        }
-    }
-    if let Some((net, bits)) = pattern.split_once('/') {
-        let (Ok(net), Ok(bits), Some(ip)) = (net.parse::<IpAddr>(), bits.parse::<u32>(), host_ip)
-        else {
-            return false;
-        };
-        return cidr_contains(net, bits, ip);
-    }
-    if let Ok(ip) = pattern.parse::<IpAddr>() {
-        return host_ip == Some(ip);
-    }
-    let domain = pattern
-        .trim_start_matches('*')
-        .trim_start_matches('.')
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    if domain.is_empty() {
-        return false;
-    }
-    host == domain
-        || host
-            .strip_suffix(domain.as_str())
-            .is_some_and(|rest| rest.ends_with('.'))
-}
-
-/// Splits `host:port`, `[v6]:port`, `[v6]`; a bare IPv6 address (several colons) has no port.
-fn split_entry_port(entry: &str) -> (&str, Option<&str>) {
-    if let Some(rest) = entry.strip_prefix('[') {
-        return match rest.split_once(']') {
-            Some((addr, after)) => (addr, after.strip_prefix(':')),
-            None => (entry, None),
-        };
-    }
-    match entry.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h, Some(p)),
-        _ => (entry, None),
-    }
-}
-
-fn cidr_contains(net: IpAddr, bits: u32, ip: IpAddr) -> bool {
-    match (net, ip) {
-        (IpAddr::V4(net), IpAddr::V4(ip)) if bits <= 32 => {
-            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
-            u32::from(net) & mask == u32::from(ip) & mask
-        }
-        (IpAddr::V6(net), IpAddr::V6(ip)) if bits <= 128 => {
-            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-            u128::from(net) & mask == u128::from(ip) & mask
-        }
-        _ => false,
     }
 }
 

@@ -540,5 +540,6 @@ pub fn is_artifact_name(name: &OsStr) -> bool {
     name.ends_with(".tar") || name.contains(".tar.")
 }
 
+pub mod fault_proxy;
 pub mod lxc;
 pub mod registry;

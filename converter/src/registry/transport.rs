@@ -10,7 +10,6 @@
 //! `NO_PROXY` may treat differently), so there is one agent per route: direct,
 //! through `https_proxy`, through `http_proxy`. Loopback is always direct.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,14 +17,7 @@ use anyhow::{bail, Context, Result};
 
 use super::reference::is_loopback_host;
 
-/// CA bundles of the common distributions; the first one present is used.
-pub const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Alpine, Arch
-    "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL
-    "/etc/ssl/ca-bundle.pem",             // openSUSE
-    "/etc/ssl/cert.pem",                  // Alpine (LibreSSL), macOS-like
-];
-
+pub use hakim_netenv::{no_proxy_matches, SYSTEM_CA_BUNDLES};
 /// Proxy settings from the environment; lowercase names win, as in curl. Values are
 /// never printed (they may hold credentials).
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -50,75 +42,6 @@ impl ProxyEnv {
             all: get("all_proxy", "ALL_PROXY"),
             no_proxy: get("no_proxy", "NO_PROXY"),
         }
-    }
-}
-
-/// Whether `no_proxy` exempts `host` (`*`; `example.com`, `.example.com` and
-/// `*.example.com` match the domain and its subdomains; IPs exactly; CIDR blocks by
-/// containment; an optional `:port` restricts an entry to that port).
-pub fn no_proxy_matches(list: &str, host: &str, port: u16) -> bool {
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    let ip: Option<IpAddr> = host.parse().ok();
-    list.split(|c: char| c == ',' || c.is_whitespace())
-        .filter(|e| !e.is_empty())
-        .any(|entry| {
-            if entry == "*" {
-                return true;
-            }
-            let (pattern, entry_port) = split_port(entry);
-            if entry_port.is_some_and(|p| p.parse::<u16>().ok() != Some(port)) {
-                return false;
-            }
-            if let Some((net, bits)) = pattern.split_once('/') {
-                return match (net.parse::<IpAddr>(), bits.parse::<u32>(), ip) {
-                    (Ok(net), Ok(bits), Some(ip)) => cidr_contains(net, bits, ip),
-                    _ => false,
-                };
-            }
-            if let Ok(p) = pattern.parse::<IpAddr>() {
-                return ip == Some(p);
-            }
-            let domain = pattern
-                .trim_start_matches('*')
-                .trim_start_matches('.')
-                .trim_end_matches('.')
-                .to_ascii_lowercase();
-            !domain.is_empty()
-                && (host == domain
-                    || host
-                        .strip_suffix(domain.as_str())
-                        .is_some_and(|rest| rest.ends_with('.')))
-        })
-}
-
-fn split_port(entry: &str) -> (&str, Option<&str>) {
-    if let Some(rest) = entry.strip_prefix('[') {
-        return match rest.split_once(']') {
-            Some((addr, after)) => (addr, after.strip_prefix(':')),
-            None => (entry, None),
-        };
-    }
-    match entry.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h, Some(p)),
-        _ => (entry, None),
-    }
-}
-
-fn cidr_contains(net: IpAddr, bits: u32, ip: IpAddr) -> bool {
-    match (net, ip) {
-        (IpAddr::V4(n), IpAddr::V4(i)) if bits <= 32 => {
-            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
-            u32::from(n) & mask == u32::from(i) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(i)) if bits <= 128 => {
-            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-            u128::from(n) & mask == u128::from(i) & mask
-        }
-        _ => false,
     }
 }
 
@@ -291,24 +214,6 @@ fn is_cert(e: &rustls::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn no_proxy_rules() {
-        let l = "localhost, .corp.example,*.b.example,10.0.0.0/8,192.168.1.5,[::1]:8080,reg.example:5000";
-        assert!(no_proxy_matches(l, "x.corp.example", 443));
-        assert!(no_proxy_matches(l, "corp.example", 443));
-        assert!(no_proxy_matches(l, "b.example", 443));
-        assert!(!no_proxy_matches(l, "notcorp.example", 443));
-        assert!(no_proxy_matches(l, "10.2.3.4", 443));
-        assert!(!no_proxy_matches(l, "11.2.3.4", 443));
-        assert!(no_proxy_matches(l, "192.168.1.5", 80));
-        assert!(no_proxy_matches(l, "[::1]", 8080));
-        assert!(!no_proxy_matches(l, "[::1]", 8081));
-        assert!(no_proxy_matches(l, "reg.example", 5000));
-        assert!(!no_proxy_matches(l, "reg.example", 443));
-        assert!(no_proxy_matches("*", "anything", 1));
-        assert!(!no_proxy_matches("", "anything", 1));
-    }
 
     #[test]
     fn proxy_env_lowercase_wins() {

@@ -1,0 +1,479 @@
+//! Fault injection between `hakim-convert` and a real registry: the converter pulls the demo
+//! image through [`FaultProxy`] (`tests/src/fault_proxy.rs`), a plain-HTTP reverse proxy on
+//! 127.0.0.1 in front of Debian's `docker-registry`, which spoils blob downloads: a reset
+//! mid-body, truncated bodies, 500s, a 429 with `Retry-After`, wrong content, a slow trickle, a
+//! redirect to another port, a `Range` ignored.
+//!
+//! Each conversion must either succeed by retry or resume, with an artifact byte-identical
+//! (sha256) to the conversion of the same image from its local `oci:` layout, or fail with a
+//! clear message naming the blob — never leaving an artifact under its final name, never
+//! putting unverified bytes in the blob cache.
+//!
+//! Gating: as the other registry tests (`docker-registry`, `skopeo`, `openssl`, `htpasswd`,
+//! `umoci`, and a converter with the registry transport). Missing ones skip, or fail under
+//! `HAKIM_E2E=1`.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use hakim_e2e::fault_proxy::{Fault, FaultProxy, Rule, Seen};
+use hakim_e2e::registry::{
+    converter_ready, demo_image, manifest_blobs, registry_ready, run_converter, sha256_hex, Mode,
+    Registry, Transfer, PASSWORD,
+};
+use hakim_e2e::{
+    convert, is_artifact_name, list_dir, scratch_dir, serial, Compression, Conversion,
+};
+
+const SOURCE_DATE_EPOCH: &str = "1750000000";
+const REPO: &str = "e2e/demo:latest";
+/// Bytes of the faulted blob sent before a reset or a truncation.
+const K: usize = 2048;
+
+/// A registry (plain or token mode) holding the demo image, the proxy in front of it, and the
+/// expected artifact.
+struct Setup {
+    // Drop order: the proxy, then the registry, then the directory.
+    proxy: FaultProxy,
+    reg: Registry,
+    /// The largest blob of the image (the demo's uncompressed layer, 5.5 KiB).
+    blob: (String, u64),
+    /// sha256 of the artifact converted from the local layout.
+    expected: String,
+    _work: tempfile::TempDir,
+}
+
+fn setup(mode: Mode) -> Option<Setup> {
+    if !(registry_ready() && converter_ready()) {
+        return None;
+    }
+    let started = Instant::now();
+    let work = scratch_dir("reg-faults-");
+    let demo = demo_image(work.path());
+    let reg = Registry::start(mode);
+    reg.push(&demo.oci_ref(), REPO, &[]);
+    let blobs = manifest_blobs(&reg.manifest(REPO));
+    let blob = blobs
+        .iter()
+        .max_by_key(|(_, size)| *size)
+        .cloned()
+        .expect("the demo image has blobs");
+    assert!(
+        blob.1 as usize > 2 * K,
+        "the largest demo blob is too small for the faults: {blobs:?}"
+    );
+    let local = convert(
+        &demo.oci_ref(),
+        Compression::Zstd,
+        &[],
+        &[("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH)],
+    );
+    let proxy = FaultProxy::start(reg.port);
+    eprintln!(
+        "setup ({}) in {:.2} s; faulted blob {} ({} bytes)",
+        mode.name(),
+        started.elapsed().as_secs_f64(),
+        blob.0,
+        blob.1
+    );
+    Some(Setup {
+        proxy,
+        reg,
+        blob,
+        expected: local.sha256,
+        _work: work,
+    })
+}
+
+fn env(reg: &Registry) -> Vec<(String, String)> {
+    let mut env = reg.client_env();
+    env.push(("SOURCE_DATE_EPOCH".into(), SOURCE_DATE_EPOCH.into()));
+    env
+}
+
+fn args(cache: &Path, creds: Option<&str>) -> Vec<String> {
+    let mut args = vec![
+        "--cache-dir".to_string(),
+        cache.display().to_string(),
+        "--max-attempts".into(),
+        "4".into(),
+    ];
+    if let Some(c) = creds {
+        args.extend(["--creds".to_string(), c.to_string()]);
+    }
+    args
+}
+
+impl Setup {
+    /// A conversion through the proxy that must succeed (every check of [`convert`]), and give
+    /// the expected artifact.
+    fn convert_ok(&self, cache: &Path, creds: Option<&str>, what: &str) -> Conversion {
+        let args = args(cache, creds);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env = env(&self.reg);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let c = convert(&self.proxy.docker_ref(REPO), Compression::Zstd, &args, &env);
+        eprintln!(
+            "{what}: converted through the proxy in {:.2} s: {:?}",
+            c.seconds, c.json["source"]["registry"]
+        );
+        assert_eq!(
+            c.sha256,
+            self.expected,
+            "{what}: artifact differs from the fault-free conversion; blob GETs: {:#?}",
+            self.proxy.blob_gets(&self.blob.0)
+        );
+        assert_cache_verified(cache, what);
+        c
+    }
+
+    /// A conversion through the proxy whatever its outcome: the output, its directory.
+    fn convert_any(&self, cache: &Path) -> (Output, tempfile::TempDir, f64) {
+        let outdir = scratch_dir("out-fault-");
+        let mut full = vec![
+            "convert".to_string(),
+            self.proxy.docker_ref(REPO),
+            "-o".into(),
+            outdir.path().display().to_string(),
+            "--compression".into(),
+            "zstd".into(),
+            "--name".into(),
+            "hakim-test".into(),
+            "--json".into(),
+        ];
+        full.extend(args(cache, None));
+        let started = Instant::now();
+        let out = run_converter(&full, &env(&self.reg));
+        (out, outdir, started.elapsed().as_secs_f64())
+    }
+
+    fn hex(&self) -> &str {
+        self.blob.0.strip_prefix("sha256:").expect("sha256 digest")
+    }
+}
+
+/// Every file in the cache's `blobs/sha256` is named by its sha256; no `.partial-*` is left.
+fn assert_cache_verified(cache: &Path, what: &str) {
+    let dir = cache.join("blobs/sha256");
+    for name in list_dir(&dir) {
+        assert!(
+            !name.starts_with(".partial"),
+            "{what}: temporary download left in the cache: {name} ({:?})",
+            list_dir(&dir)
+        );
+        let bytes = std::fs::read(dir.join(&name)).expect("read cached blob");
+        assert_eq!(
+            sha256_hex(&bytes),
+            name,
+            "{what}: the cache holds bytes that do not match their name"
+        );
+    }
+}
+
+/// A failed conversion: non-zero exit, no artifact nor `sha256sums.txt` in OUT, the faulted
+/// blob not in the cache, no temporary files left.
+fn assert_clean_failure(s: &Setup, out: &Output, outdir: &Path, cache: &Path, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{what}: must fail\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let left: Vec<String> = list_dir(outdir)
+        .into_iter()
+        .filter(|n| is_artifact_name(n.as_ref()) || n == "sha256sums.txt")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{what}: left in OUT after the failure: {left:?} (all: {:?})",
+        list_dir(outdir)
+    );
+    let cached = cache.join("blobs/sha256").join(s.hex());
+    assert!(
+        !cached.exists(),
+        "{what}: the blob with bad bytes got its final name in the cache: {}",
+        cached.display()
+    );
+    assert_cache_verified(cache, what);
+    assert!(!stderr.contains(PASSWORD), "{what}: password in the output");
+}
+
+/// `N` of a `Range: bytes=N-` header.
+fn range_start(s: &Seen) -> Option<usize> {
+    s.range
+        .as_deref()?
+        .strip_prefix("bytes=")?
+        .strip_suffix('-')?
+        .parse()
+        .ok()
+}
+
+fn summary(gets: &[Seen]) -> Vec<String> {
+    gets.iter()
+        .map(|g| {
+            format!(
+                "{} range={:?} -> {} {:?} ({} body bytes)",
+                g.method, g.range, g.status, g.fault, g.body_bytes
+            )
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn reset_mid_blob_resumes_with_range() {
+    let _guard = serial();
+    let Some(s) = setup(Mode::Plain) else { return };
+    // The fault-free path through the proxy first: the proxy itself changes nothing.
+    let clean = scratch_dir("cache-");
+    s.convert_ok(clean.path(), None, "no fault");
+    s.proxy.clear_seen();
+
+    let cache = scratch_dir("cache-");
+    s.proxy
+        .add_rule(Rule::new(&s.blob.0, Some(1), Fault::ResetAfter(K)));
+    let c = s.convert_ok(cache.path(), None, "reset mid-blob");
+    let gets = s.proxy.blob_gets(&s.blob.0);
+    eprintln!("reset: blob GETs {:#?}", summary(&gets));
+    assert_eq!(
+        gets.first().and_then(|g| g.fault.clone()),
+        Some(Fault::ResetAfter(K)),
+        "the reset was not injected: {gets:#?}"
+    );
+    let resumed: Vec<usize> = gets.iter().skip(1).filter_map(range_start).collect();
+    assert!(
+        resumed.iter().any(|&n| n > 0 && n <= K),
+        "no request resumed with `Range: bytes=N-` (0 < N <= {K}) after the reset: {:#?}",
+        summary(&gets)
+    );
+    let t = Transfer::from_json(&c.json);
+    eprintln!("reset: resumed from {resumed:?}; transfer {t:?}");
+}
+
+#[test]
+fn truncated_body_is_retried_or_fails_cleanly() {
+    let _guard = serial();
+    let Some(s) = setup(Mode::Plain) else { return };
+    for (fault, what) in [
+        (Fault::CloseAfter(K), "honest Content-Length, early close"),
+        (Fault::ShortLength(K), "lying Content-Length (short body)"),
+    ] {
+        s.proxy.clear_rules();
+        s.proxy.clear_seen();
+        s.proxy.add_rule(Rule::new(&s.blob.0, Some(2), fault));
+        let cache = scratch_dir("cache-");
+        let (out, outdir, secs) = s.convert_any(cache.path());
+        let gets = s.proxy.blob_gets(&s.blob.0);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!(
+            "truncated ({what}): exit {} in {secs:.2} s; blob GETs {:#?}\n{}",
+            out.status,
+            summary(&gets),
+            stderr.trim()
+        );
+        if out.status.success() {
+            let json: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("--json output");
+            assert_eq!(
+                json["sha256"].as_str(),
+                Some(s.expected.as_str()),
+                "{what}: the artifact differs from the fault-free conversion"
+            );
+            let artifact = json["artifact"].as_str().expect("artifact");
+            let artifact = outdir.path().join(artifact);
+            assert_eq!(hakim_e2e::sha256_file(&artifact), s.expected, "{what}");
+            assert_cache_verified(cache.path(), what);
+        } else {
+            assert_clean_failure(&s, &out, outdir.path(), cache.path(), what);
+            let lower = stderr.to_lowercase();
+            assert!(
+                lower.contains(&s.hex()[..12])
+                    && ["truncat", "short", "bytes", "closed", "incomplete"]
+                        .iter()
+                        .any(|w| lower.contains(w)),
+                "{what}: the error does not say which blob and what went wrong:\n{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn server_errors_then_success() {
+    let _guard = serial();
+    let Some(s) = setup(Mode::Plain) else { return };
+    s.proxy.add_rule(Rule::new(
+        &s.blob.0,
+        Some(2),
+        Fault::Status {
+            status: 500,
+            retry_after: None,
+        },
+    ));
+    let cache = scratch_dir("cache-");
+    s.convert_ok(cache.path(), None, "500 twice");
+    let gets = s.proxy.blob_gets(&s.blob.0);
+    let statuses: Vec<u16> = gets.iter().map(|g| g.status).collect();
+    assert_eq!(
+        statuses,
+        [500, 500, 200],
+        "expected exactly 3 GETs of the blob (500, 500, 200): {:#?}",
+        summary(&gets)
+    );
+}
+
+#[test]
+fn too_many_requests_honours_retry_after() {
+    let _guard = serial();
+    let Some(s) = setup(Mode::Plain) else { return };
+    s.proxy.add_rule(Rule::new(
+        &s.blob.0,
+        Some(1),
+        Fault::Status {
+            status: 429,
+            retry_after: Some(1),
+        },
+    ));
+    let cache = scratch_dir("cache-");
+    s.convert_ok(cache.path(), None, "429 Retry-After: 1");
+    let gets = s.proxy.blob_gets(&s.blob.0);
+    assert!(
+        gets.len() >= 2 && gets[0].status == 429,
+        "no retry after the 429: {:#?}",
+        summary(&gets)
+    );
+    let waited = gets[1].at.duration_since(gets[0].at);
+    eprintln!("429: retried after {:.3} s", waited.as_secs_f64());
+    assert!(
+        waited >= Duration::from_secs(1),
+        "retried {:.3} s after a 429 with Retry-After: 1",
+        waited.as_secs_f64()
+    );
+}
+
+#[test]
+fn wrong_content_fails_naming_the_blob() {
+    let _guard = serial();
+    let Some(s) = setup(Mode::Plain) else { return };
+    s.proxy
+        .add_rule(Rule::new(&s.blob.0, None, Fault::FlipByte));
+    let cache = scratch_dir("cache-");
+    let (out, outdir, secs) = s.convert_any(cache.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let gets = s.proxy.blob_gets(&s.blob.0);
+    eprintln!(
+        "wrong content: exit {} in {secs:.2} s; blob GETs {:#?}\n{}",
+        out.status,
+        summary(&gets),
+        stderr.trim()
+    );
+    assert_clean_failure(&s, &out, outdir.path(), cache.path(), "wrong content");
+    assert!(
+        stderr.contains(&s.hex()[..12]),
+        "the error does not name the blob {}:\n{stderr}",
+        s.blob.0
+    );
+    if !stderr.contains(&s.blob.0) {
+        eprintln!("note: the error abbreviates the digest {}", s.blob.0);
+    }
+    assert!(
+        gets.iter().all(|g| g.fault == Some(Fault::FlipByte)),
+        "{:#?}",
+        summary(&gets)
+    );
+}
+
+#[test]
+fn slow_trickle_succeeds() {
+    let _guard = serial();
+    let Some(s) = setup(Mode::Plain) else { return };
+    // 4 KiB/s: the 5.5 KiB blob takes about 1.4 s.
+    s.proxy.add_rule(Rule::new(
+        &s.blob.0,
+        None,
+        Fault::Trickle {
+            bytes_per_sec: 4096,
+        },
+    ));
+    let cache = scratch_dir("cache-");
+    let c = s.convert_ok(cache.path(), None, "slow trickle");
+    let gets = s.proxy.blob_gets(&s.blob.0);
+    assert_eq!(
+        gets.len(),
+        1,
+        "the trickled blob was fetched more than once: {:#?}",
+        summary(&gets)
+    );
+    assert!(
+        c.seconds >= 1.0,
+        "the conversion took {:.2} s: the trickle was not in effect",
+        c.seconds
+    );
+}
+
+#[test]
+fn redirect_to_another_port_drops_authorization() {
+    let _guard = serial();
+    let Some(s) = setup(Mode::Token) else { return };
+    s.proxy
+        .add_rule(Rule::new(&s.blob.0, None, Fault::Redirect));
+    let cache = scratch_dir("cache-");
+    let creds = s.reg.creds();
+    s.convert_ok(cache.path(), Some(&creds), "redirect");
+    let gets = s.proxy.blob_gets(&s.blob.0);
+    let redirected: Vec<&Seen> = gets.iter().filter(|g| g.status == 307).collect();
+    assert!(
+        !redirected.is_empty(),
+        "the blob was never redirected: {:#?}",
+        summary(&gets)
+    );
+    assert!(
+        redirected.iter().all(|g| g.authorization),
+        "the registry-facing blob request carried no Authorization (nothing to leak): {gets:#?}"
+    );
+    let target = s.proxy.redirect_seen();
+    eprintln!("redirect target saw {target:#?}");
+    assert!(
+        target
+            .iter()
+            .any(|t| t.blob() == Some(s.blob.0.as_str()) && t.status == 200),
+        "the redirect target never served the blob: {target:#?}"
+    );
+    let leaked: Vec<&Seen> = target.iter().filter(|t| t.authorization).collect();
+    assert!(
+        leaked.is_empty(),
+        "Authorization sent to the redirect target on another port: {leaked:#?}"
+    );
+    let other = s.proxy.seen();
+    assert!(
+        other
+            .iter()
+            .filter(|r| r.path.starts_with("/v2/") && r.path != "/v2/" && r.status == 200)
+            .all(|r| r.authorization),
+        "a successful registry request without Authorization in token mode: {other:#?}"
+    );
+}
+
+#[test]
+fn ignored_range_restarts_from_zero() {
+    let _guard = serial();
+    let Some(s) = setup(Mode::Plain) else { return };
+    s.proxy
+        .add_rule(Rule::new(&s.blob.0, Some(1), Fault::ResetAfter(K)));
+    s.proxy
+        .add_rule(Rule::new(&s.blob.0, None, Fault::IgnoreRange));
+    let cache = scratch_dir("cache-");
+    s.convert_ok(cache.path(), None, "Range ignored");
+    let gets = s.proxy.blob_gets(&s.blob.0);
+    eprintln!("range ignored: blob GETs {:#?}", summary(&gets));
+    assert!(
+        gets.iter()
+            .skip(1)
+            .any(|g| range_start(g).is_some_and(|n| n > 0) && g.status == 200),
+        "no ranged request answered 200 with the whole body: {:#?}",
+        summary(&gets)
+    );
+}
