@@ -267,8 +267,9 @@ fn oci_archive_and_docker_archive_transports() {
     assert!(err.contains("diff_id mismatch"), "{err}");
 }
 
-#[test]
-fn platform_selection_from_an_index() {
+/// A layout holding an amd64 image (file `arch` = "amd64") plus the blobs of an
+/// arm64 one; returns the fixture and both manifest descriptors, platform set.
+fn amd64_and_arm64() -> (Fixture, serde_json::Value, serde_json::Value) {
     let f = Fixture::new(&[gz(L::new().file("arch", "amd64"))]);
     let arm = tempfile::tempdir().unwrap();
     hakim_convert::sample::write_oci_layout(
@@ -287,14 +288,21 @@ fn platform_selection_from_an_index() {
         )
         .unwrap();
     }
-    let manifest_ref = |layout: &std::path::Path| {
+    let first = |layout: &std::path::Path| {
         let index: serde_json::Value =
             serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
         index["manifests"][0].clone()
     };
-    let mut amd = manifest_ref(&f.layout());
-    let mut arm64 = manifest_ref(arm.path());
+    let mut amd = first(&f.layout());
+    let mut arm64 = first(arm.path());
     amd["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
+    arm64["platform"] = serde_json::json!({"os": "linux", "architecture": "arm64"});
+    (f, amd, arm64)
+}
+
+#[test]
+fn platform_selection_from_an_index() {
+    let (f, amd, mut arm64) = amd64_and_arm64();
     arm64["platform"] =
         serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
     let mut attestation = amd.clone();
@@ -427,33 +435,7 @@ fn interrupt_removes_the_partial_file() {
 #[test]
 fn platform_selection_among_manifests_listed_in_index_json() {
     // buildah `manifest push oci:` style: per-platform manifests straight in index.json.
-    let f = Fixture::new(&[gz(L::new().file("arch", "amd64"))]);
-    let arm = tempfile::tempdir().unwrap();
-    hakim_convert::sample::write_oci_layout(
-        arm.path(),
-        "x",
-        "arm64",
-        &[gz(L::new().file("arch", "arm64"))],
-        serde_json::json!({}),
-    )
-    .unwrap();
-    for e in std::fs::read_dir(arm.path().join("blobs/sha256")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(
-            e.path(),
-            f.layout().join("blobs/sha256").join(e.file_name()),
-        )
-        .unwrap();
-    }
-    let first = |layout: &std::path::Path| {
-        let index: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
-        index["manifests"][0].clone()
-    };
-    let mut amd = first(&f.layout());
-    let mut arm64 = first(arm.path());
-    amd["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
-    arm64["platform"] = serde_json::json!({"os": "linux", "architecture": "arm64"});
+    let (f, amd, mut arm64) = amd64_and_arm64();
     arm64["annotations"] = amd["annotations"].clone();
     let top = serde_json::json!({"schemaVersion": 2, "manifests": [amd, arm64]});
     std::fs::write(

@@ -33,7 +33,7 @@ pub const FETCH_SUBCOMMAND: &str = "__fetch-agent";
 /// Prefix of every line the fetch child prints.
 const LOG_PREFIX: &str = "hakim-init: fetch: ";
 
-pub use hakim_netenv::{no_proxy_matches, SYSTEM_CA_BUNDLES};
+pub use hakim_netenv::{no_proxy_matches, ProxyEnv, SYSTEM_CA_BUNDLES};
 /// Variables the fetch child reads from its own environment. The parent must pass these
 /// through (and should pass nothing secret: the download needs no token).
 pub const FETCH_ENV: &[&str] = &[
@@ -97,54 +97,11 @@ pub fn random_u64() -> u64 {
     hasher.finish()
 }
 
-/// Proxy settings, as found in the environment. Lowercase names win over uppercase, as in
-/// curl; an empty value counts as unset.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct ProxyEnv {
-    pub http: Option<String>,
-    pub https: Option<String>,
-    pub all: Option<String>,
-    pub no_proxy: Option<String>,
-}
-
-impl ProxyEnv {
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> ProxyEnv {
-        let get = |lower: &str, upper: &str| {
-            lookup(lower)
-                .filter(|v| !v.trim().is_empty())
-                .or_else(|| lookup(upper).filter(|v| !v.trim().is_empty()))
-                .map(|v| v.trim().to_string())
-        };
-        ProxyEnv {
-            http: get("http_proxy", "HTTP_PROXY"),
-            https: get("https_proxy", "HTTPS_PROXY"),
-            all: get("all_proxy", "ALL_PROXY"),
-            no_proxy: get("no_proxy", "NO_PROXY"),
-        }
-    }
-
-    pub fn from_env() -> ProxyEnv {
-        ProxyEnv::from_lookup(|k| std::env::var(k).ok())
-    }
-
-    /// The proxy to use for `url` (name of the variable it came from, and its value), or
-    /// `None` for a direct connection. `https_proxy` serves https URLs, `http_proxy` http ones,
-    /// `all_proxy` both; `no_proxy` exempts hosts (see [`no_proxy_matches`]).
-    pub fn proxy_for(&self, url: &AccessUrl) -> Option<(&'static str, &str)> {
-        let chosen = match url.scheme() {
-            Scheme::Https => self.https.as_deref().map(|p| ("https_proxy", p)),
-            Scheme::Http => self.http.as_deref().map(|p| ("http_proxy", p)),
-        }
-        .or_else(|| self.all.as_deref().map(|p| ("all_proxy", p)))?;
-        let port = url.port().unwrap_or(match url.scheme() {
-            Scheme::Https => 443,
-            Scheme::Http => 80,
-        });
-        match &self.no_proxy {
-            Some(list) if no_proxy_matches(list, url.host(), port) => None,
-            _ => Some(chosen),
-        }
-    }
+/// The proxy for the agent URL (see [`ProxyEnv::pick`]).
+pub fn proxy_for<'a>(proxy: &'a ProxyEnv, url: &AccessUrl) -> Option<(&'static str, &'a str)> {
+    let https = matches!(url.scheme(), Scheme::Https);
+    let port = url.port().unwrap_or(if https { 443 } else { 80 });
+    proxy.pick(https, url.host(), port)
 }
 
 /// The CA bundles to trust: the first of [`SYSTEM_CA_BUNDLES`] that exists, plus
@@ -437,7 +394,7 @@ pub fn fetch_agent(
 }
 
 fn build_agent(url: &AccessUrl, opts: &FetchOptions) -> Result<ureq::Agent, FetchError> {
-    let proxy = match opts.proxy.proxy_for(url) {
+    let proxy = match proxy_for(&opts.proxy, url) {
         None => None,
         Some((var, value)) => {
             let scheme = value.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
@@ -886,27 +843,25 @@ mod tests {
         ]);
         assert_eq!(p.https.as_deref(), Some("http://lower:1"));
         assert_eq!(
-            p.proxy_for(&url("https://coder.example.com")),
+            proxy_for(&p, &url("https://coder.example.com")),
             Some(("https_proxy", "http://lower:1"))
         );
         assert_eq!(
-            p.proxy_for(&url("http://coder.example.com")),
+            proxy_for(&p, &url("http://coder.example.com")),
             Some(("http_proxy", "http://plain:2"))
         );
-        assert_eq!(p.proxy_for(&url("https://coder.internal")), None);
+        assert_eq!(proxy_for(&p, &url("https://coder.internal")), None);
 
         let p = env(&[("https_proxy", ""), ("HTTPS_PROXY", "http://upper:1")]);
         assert_eq!(p.https.as_deref(), Some("http://upper:1"));
-        assert_eq!(p.proxy_for(&url("http://coder.example.com")), None);
+        assert_eq!(proxy_for(&p, &url("http://coder.example.com")), None);
 
         let p = env(&[("ALL_PROXY", "http://all:3")]);
         assert_eq!(
-            p.proxy_for(&url("http://coder.example.com")),
+            proxy_for(&p, &url("http://coder.example.com")),
             Some(("all_proxy", "http://all:3"))
         );
-        assert!(ProxyEnv::from_lookup(|_| None)
-            .proxy_for(&url("https://x"))
-            .is_none());
+        assert!(proxy_for(&ProxyEnv::from_lookup(|_| None), &url("https://x")).is_none());
     }
 
     #[test]
@@ -1665,10 +1620,7 @@ mod tests {
             o.gid,
         );
         // from_env() would pick up a proxy from the test environment; only run when clean.
-        if ProxyEnv::from_env()
-            .proxy_for(&url(&server.base()))
-            .is_none()
-        {
+        if proxy_for(&ProxyEnv::from_env(), &url(&server.base())).is_none() {
             assert_eq!(run_fetch_child(&a[1..]), 0);
             assert!(dest.is_file());
         }

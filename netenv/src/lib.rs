@@ -92,6 +92,54 @@ fn cidr_contains(net: IpAddr, bits: u32, ip: IpAddr) -> bool {
     }
 }
 
+/// Proxy settings, as found in the environment. Lowercase names win over uppercase, as
+/// in curl; an empty value counts as unset. Values are never printed (they may hold
+/// credentials).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ProxyEnv {
+    pub http: Option<String>,
+    pub https: Option<String>,
+    pub all: Option<String>,
+    pub no_proxy: Option<String>,
+}
+
+impl ProxyEnv {
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> ProxyEnv {
+        let get = |lower: &str, upper: &str| {
+            lookup(lower)
+                .filter(|v| !v.trim().is_empty())
+                .or_else(|| lookup(upper).filter(|v| !v.trim().is_empty()))
+                .map(|v| v.trim().to_string())
+        };
+        ProxyEnv {
+            http: get("http_proxy", "HTTP_PROXY"),
+            https: get("https_proxy", "HTTPS_PROXY"),
+            all: get("all_proxy", "ALL_PROXY"),
+            no_proxy: get("no_proxy", "NO_PROXY"),
+        }
+    }
+
+    pub fn from_env() -> ProxyEnv {
+        ProxyEnv::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// The proxy for a URL of this scheme, host and port (the variable it came from, and
+    /// its value), or `None` for a direct connection. `https_proxy` serves https URLs,
+    /// `http_proxy` http ones, `all_proxy` both; `no_proxy` exempts hosts.
+    pub fn pick(&self, https: bool, host: &str, port: u16) -> Option<(&'static str, &str)> {
+        let chosen = if https {
+            self.https.as_deref().map(|p| ("https_proxy", p))
+        } else {
+            self.http.as_deref().map(|p| ("http_proxy", p))
+        }
+        .or_else(|| self.all.as_deref().map(|p| ("all_proxy", p)))?;
+        match &self.no_proxy {
+            Some(list) if no_proxy_matches(list, host, port) => None,
+            _ => Some(chosen),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

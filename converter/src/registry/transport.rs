@@ -17,33 +17,7 @@ use anyhow::{bail, Context, Result};
 
 use super::reference::is_loopback_host;
 
-pub use hakim_netenv::{no_proxy_matches, SYSTEM_CA_BUNDLES};
-/// Proxy settings from the environment; lowercase names win, as in curl. Values are
-/// never printed (they may hold credentials).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct ProxyEnv {
-    pub http: Option<String>,
-    pub https: Option<String>,
-    pub all: Option<String>,
-    pub no_proxy: Option<String>,
-}
-
-impl ProxyEnv {
-    pub fn from_lookup(env: &dyn Fn(&str) -> Option<String>) -> ProxyEnv {
-        let get = |lower: &str, upper: &str| {
-            env(lower)
-                .filter(|v| !v.trim().is_empty())
-                .or_else(|| env(upper).filter(|v| !v.trim().is_empty()))
-                .map(|v| v.trim().to_string())
-        };
-        ProxyEnv {
-            http: get("http_proxy", "HTTP_PROXY"),
-            https: get("https_proxy", "HTTPS_PROXY"),
-            all: get("all_proxy", "ALL_PROXY"),
-            no_proxy: get("no_proxy", "NO_PROXY"),
-        }
-    }
-}
+pub use hakim_netenv::{no_proxy_matches, ProxyEnv, SYSTEM_CA_BUNDLES};
 
 /// How the agents are built.
 #[derive(Clone)]
@@ -224,7 +198,7 @@ mod tests {
             "http_proxy" => Some("  ".into()),
             _ => None,
         };
-        let p = ProxyEnv::from_lookup(&env);
+        let p = ProxyEnv::from_lookup(env);
         assert_eq!(p.https.as_deref(), Some("http://lower:3128"));
         assert_eq!(p.http, None);
         assert_eq!(p.no_proxy.as_deref(), Some("ghcr.io"));

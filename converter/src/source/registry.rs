@@ -203,7 +203,7 @@ pub fn open(
         ca_certs: opts.ca_certs.clone(),
         connect_timeout: opts.connect_timeout,
         read_timeout: opts.read_timeout,
-        proxy: ProxyEnv::from_lookup(&env),
+        proxy: ProxyEnv::from_lookup(env),
         ssl_cert_file: env("SSL_CERT_FILE")
             .filter(|v| !v.trim().is_empty())
             .map(Into::into),
