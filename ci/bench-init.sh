@@ -14,9 +14,10 @@ work=$(mktemp -d /tmp/hakim-bench-init.XXXXXX)
 server_pid=""
 cleanup() {
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
-  rm -rf "$work"
+  # KEEP=1 keeps the work directory (logs, root) for a look afterwards.
+  [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
-[ -n "${KEEP:-}" ] || trap cleanup EXIT
+trap cleanup EXIT
 
 # A static fake agent (std only) for the download endpoint.
 rustc --edition 2021 -O --target x86_64-unknown-linux-musl -C target-feature=+crt-static \
