@@ -252,6 +252,29 @@ fn filtered_xattrs(
     kept
 }
 
+/// The member for `inode` under `name`: its metadata, mtime clamped.
+fn member_for<'a>(
+    inode: &Inode,
+    clamp: impl Fn(u64) -> u64,
+    name: &'a [u8],
+    kind: OutKind,
+    size: u64,
+    link: Option<&'a [u8]>,
+    xattrs: &'a [Xattr],
+) -> OutEntry<'a> {
+    OutEntry {
+        name,
+        kind,
+        mode: inode.meta.mode,
+        uid: inode.meta.uid,
+        gid: inode.meta.gid,
+        mtime: clamp(inode.meta.mtime),
+        size,
+        link,
+        xattrs,
+    }
+}
+
 /// Pass 2: writes the flattened tree as a tar to `out`. `tick` sees every chunk
 /// of file data (progress; returning an error aborts, e.g. on Ctrl-C).
 pub fn emit<W: Write>(
@@ -308,17 +331,15 @@ pub fn emit<W: Write>(
         if let Some(first) = first_name.get(&id) {
             stats.hardlinks += 1;
             stats.entries += 1;
-            result = out.append(&OutEntry {
-                name: &name,
-                kind: OutKind::Hardlink,
-                mode: inode.meta.mode,
-                uid: inode.meta.uid,
-                gid: inode.meta.gid,
-                mtime: clamp(inode.meta.mtime),
-                size: 0,
-                link: Some(first),
-                xattrs: &[],
-            });
+            result = out.append(&member_for(
+                inode,
+                clamp,
+                &name,
+                OutKind::Hardlink,
+                0,
+                Some(first),
+                &[],
+            ));
             return;
         }
         let xattrs = filtered_xattrs(path, inode, &mut stats, &mut warns);
@@ -328,17 +349,7 @@ pub fn emit<W: Write>(
             _ => stats.fifos += 1,
         }
         stats.entries += 1;
-        result = out.append(&OutEntry {
-            name: &name,
-            kind,
-            mode: inode.meta.mode,
-            uid: inode.meta.uid,
-            gid: inode.meta.gid,
-            mtime: clamp(inode.meta.mtime),
-            size: 0,
-            link,
-            xattrs: &xattrs,
-        });
+        result = out.append(&member_for(inode, clamp, &name, kind, 0, link, &xattrs));
         if kind != OutKind::Dir && nlink.get(&id).copied().unwrap_or(0) > 1 {
             first_name.insert(id, name);
         }
@@ -377,17 +388,15 @@ pub fn emit<W: Write>(
             };
             let name = member_name(&primary, false);
             let xattrs = filtered_xattrs(&primary, inode, &mut stats, &mut warns);
-            out.append(&OutEntry {
-                name: &name,
-                kind: OutKind::File,
-                mode: inode.meta.mode,
-                uid: inode.meta.uid,
-                gid: inode.meta.gid,
-                mtime: clamp(inode.meta.mtime),
+            out.append(&member_for(
+                inode,
+                clamp,
+                &name,
+                OutKind::File,
                 size,
-                link: None,
-                xattrs: &xattrs,
-            })
+                None,
+                &xattrs,
+            ))
             .context("cannot write the artifact")?;
             out.append_data(entry, size, tick).map_err(|e| {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -401,17 +410,15 @@ pub fn emit<W: Write>(
             stats.file_bytes += size;
             for &(_, _, alias) in &group[1..] {
                 let alias_name = member_name(&tree.path_of(alias), false);
-                out.append(&OutEntry {
-                    name: &alias_name,
-                    kind: OutKind::Hardlink,
-                    mode: inode.meta.mode,
-                    uid: inode.meta.uid,
-                    gid: inode.meta.gid,
-                    mtime: clamp(inode.meta.mtime),
-                    size: 0,
-                    link: Some(&name),
-                    xattrs: &[],
-                })
+                out.append(&member_for(
+                    inode,
+                    clamp,
+                    &alias_name,
+                    OutKind::Hardlink,
+                    0,
+                    Some(&name),
+                    &[],
+                ))
                 .context("cannot write the artifact")?;
                 stats.hardlinks += 1;
                 stats.entries += 1;
