@@ -11,11 +11,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::compress::{Encoder, OutputCompression};
-use crate::flatten::{self, EmitOptions, EmitStats};
-use crate::layer::Compression;
+use crate::digest::Digest;
+use crate::flatten::{self, EmitOptions, EmitStats, NameStyle};
+use crate::inject::{self, InjectOptions};
+use crate::layer::{Compression, LayerDesc};
+use crate::ociout::{self, OciArchive, OciOptions};
 use crate::output::{self, HashWrite, PendingFile};
 use crate::registry::{RegistryOptions, RegistryStats};
-use crate::source::{self, Platform};
+use crate::source::{self, BlobStore, Platform};
 use crate::tarout::TarWriter;
 use crate::tree::Kind;
 
@@ -39,10 +42,33 @@ const PVE_KNOWN_OS_IDS: &[&str] = &[
     "rhel",
 ];
 
+/// What kind of artifact to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputFormat {
+    /// A Proxmox rootfs template (vztmpl): `hakim-<variant>-<release>-<arch>.tar.xz`.
+    #[default]
+    Rootfs,
+    /// A Proxmox-importable OCI archive: `hakim-<variant>_<tag>.tar`.
+    OciArchive,
+}
+
+impl OutputFormat {
+    /// The compression used when none is asked for.
+    pub fn default_compression(self) -> OutputCompression {
+        match self {
+            OutputFormat::Rootfs => OutputCompression::Xz,
+            OutputFormat::OciArchive => OutputCompression::Gzip,
+        }
+    }
+}
+
 pub struct ConvertOptions {
     pub source: String,
     pub output_dir: PathBuf,
     pub platform: Option<Platform>,
+    pub format: OutputFormat,
+    /// Artifact compression (rootfs) or layer compression (OCI archive: gzip or zstd).
     pub compression: OutputCompression,
     pub level: Option<u32>,
     /// Compression threads; `None` = all cores. Never changes the output bytes.
@@ -51,6 +77,12 @@ pub struct ConvertOptions {
     pub name: Option<String>,
     pub variant: Option<String>,
     pub release: Option<String>,
+    /// OCI archive: the tag in its name and index (default: the source's, else `latest`).
+    pub tag: Option<String>,
+    /// OCI archive: copy the source layers instead of one flattened layer.
+    pub keep_layers: bool,
+    /// Add hakim-init (and service files) and make it the entry point.
+    pub inject: Option<InjectOptions>,
     /// `SOURCE_DATE_EPOCH`.
     pub source_date_epoch: Option<u64>,
     /// Set (e.g. by a signal handler) to abort; the partial file is removed.
@@ -60,6 +92,31 @@ pub struct ConvertOptions {
     /// Registry sources: cache, credentials, TLS, parallelism, download progress.
     /// Its `cancel` flag is replaced by [`ConvertOptions::cancel`].
     pub registry: RegistryOptions,
+}
+
+impl ConvertOptions {
+    /// Defaults: rootfs, xz at its default level, all cores, names from the image.
+    pub fn new(source: impl Into<String>, output_dir: impl Into<PathBuf>) -> Self {
+        ConvertOptions {
+            source: source.into(),
+            output_dir: output_dir.into(),
+            platform: None,
+            format: OutputFormat::Rootfs,
+            compression: OutputCompression::Xz,
+            level: None,
+            threads: None,
+            name: None,
+            variant: None,
+            release: None,
+            tag: None,
+            keep_layers: false,
+            inject: None,
+            source_date_epoch: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+            progress: false,
+            registry: RegistryOptions::default(),
+        }
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -94,11 +151,18 @@ pub struct Summary {
     pub size: u64,
     pub sha256: String,
     pub sums_file: PathBuf,
-    pub format: &'static str,
+    pub format: OutputFormat,
     pub compression: OutputCompression,
     pub level: u32,
     pub source: SourceSummary,
+    /// What the flattened output holds (all zero with `--keep-layers`).
     pub entries: EmitStats,
+    /// Paths hakim-init injection added (`-/path` = removed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub injected: Vec<String>,
+    /// OCI archives: manifest, config and layer descriptors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciArchive>,
     pub warnings: Vec<String>,
     pub seconds: f64,
 }
@@ -121,17 +185,74 @@ pub fn convert(opts: &ConvertOptions) -> Result<Summary> {
     })
 }
 
+/// Serves the injected layer from memory and every other layer from the source.
+struct WithInjectedLayer {
+    source: Box<dyn BlobStore>,
+    index: usize,
+    tar: std::sync::Arc<[u8]>,
+}
+
+impl BlobStore for WithInjectedLayer {
+    fn open_layer(&self, layer: &LayerDesc) -> Result<Box<dyn io::Read + Send>> {
+        if layer.index == self.index {
+            Ok(Box::new(io::Cursor::new(self.tar.clone())))
+        } else {
+            self.source.open_layer(layer)
+        }
+    }
+}
+
+/// The newest mtime in the merged tree: injected files are stamped with it when
+/// no `SOURCE_DATE_EPOCH` is set (reproducible, and never "now").
+fn newest_mtime(tree: &crate::tree::Tree) -> u64 {
+    let mut newest = 0;
+    tree.visit(|_, _, id| newest = newest.max(tree.inode(id).meta.mtime));
+    newest
+}
+
+fn check_level(compression: OutputCompression, level: u32) -> Result<()> {
+    if compression == OutputCompression::Xz && level > 9
+        || compression == OutputCompression::Zstd && !(1..=22).contains(&level)
+        || compression == OutputCompression::Gzip && level > 9
+    {
+        bail!("level {level} is out of range for {compression:?}");
+    }
+    Ok(())
+}
+
 fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     let started = Instant::now();
     if let Some(name) = &opts.name {
         output::check_file_name(name)?;
     }
+    if opts.format == OutputFormat::OciArchive
+        && !matches!(
+            opts.compression,
+            OutputCompression::Gzip | OutputCompression::Zstd
+        )
+    {
+        bail!(
+            "OCI archive layers are gzip or zstd (Proxmox reads no other); --compression {:?} is not possible",
+            opts.compression
+        );
+    }
+    if opts.keep_layers && opts.format != OutputFormat::OciArchive {
+        bail!("--keep-layers only applies to --format oci-archive");
+    }
+    let level = opts.level.unwrap_or(opts.compression.default_level());
+    check_level(opts.compression, level)?;
+    if let Some(inj) = &opts.inject {
+        // Fail on a missing init before downloading gigabytes.
+        std::fs::metadata(&inj.init_binary)
+            .with_context(|| format!("--inject-init {}", inj.init_binary.display()))?;
+    }
     let registry = RegistryOptions {
         cancel: opts.cancel.clone(),
         ..opts.registry.clone()
     };
-    let (image, registry_stats) =
+    let (mut image, registry_stats) =
         source::open_with(&opts.source, opts.platform.as_ref(), &registry)?;
+    let source_layers = image.layers.len();
     cancelled(&opts.cancel)?;
     let spinner = if opts.progress {
         indicatif::ProgressBar::new_spinner()
@@ -146,6 +267,32 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         flatten::index_layers(&image, opts.source_date_epoch.unwrap_or(0), &mut on_layer)?;
     spinner.finish_and_clear();
     cancelled(&opts.cancel)?;
+
+    let mut injected = Vec::new();
+    if let Some(inj) = &opts.inject {
+        let mtime = opts
+            .source_date_epoch
+            .unwrap_or_else(|| newest_mtime(&index.tree));
+        let layer = inject::build_layer(&mut index.tree, &image, inj, mtime)?;
+        index.warnings.extend(layer.warnings);
+        injected = layer.added;
+        let digest = Digest::of_bytes(&layer.layer_tar);
+        let desc = LayerDesc {
+            index: source_layers,
+            digest: Some(digest.clone()),
+            size: Some(layer.layer_tar.len() as u64),
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            diff_id: digest,
+        };
+        let source = std::mem::replace(&mut image.blobs, Box::new(source::NoBlobs));
+        image.blobs = Box::new(WithInjectedLayer {
+            source,
+            index: source_layers,
+            tar: layer.layer_tar.into(),
+        });
+        image.layers.push(desc.clone());
+        flatten::index_layer(&mut index, &image, &desc).context("injecting hakim-init")?;
+    }
     let mut warnings = std::mem::take(&mut index.warnings);
 
     let os_release = index
@@ -164,43 +311,52 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         )),
         Some(_) => {}
     }
-    let release = match &opts.release {
-        Some(r) => r.clone(),
-        None => os_release
-            .as_deref()
-            .and_then(|t| {
-                output::os_release_field(t, "VERSION_CODENAME")
-                    .or_else(|| output::os_release_field(t, "VERSION_ID"))
-            })
-            .unwrap_or_else(|| {
-                warnings.push("no VERSION_CODENAME in os-release; release named 'unknown'".into());
-                "unknown".into()
-            }),
+    let base_name = match &opts.variant {
+        Some(v) => format!("hakim-{v}"),
+        None => image.repository.clone().unwrap_or_else(|| "image".into()),
     };
-    let arch = output::arch_name(
-        &image.platform.architecture,
-        image.platform.variant.as_deref(),
-    );
-    let stem = match &opts.name {
-        Some(n) => n.clone(),
-        None => {
-            let repo = image.repository.clone().unwrap_or_else(|| "image".into());
-            output::artifact_stem(&repo, opts.variant.as_deref(), &release, &arch)
+    let tag = opts
+        .tag
+        .clone()
+        .or_else(|| image.tag.clone())
+        .unwrap_or_else(|| "latest".into());
+    let file_name = match opts.format {
+        OutputFormat::Rootfs => {
+            let release = match &opts.release {
+                Some(r) => r.clone(),
+                None => os_release
+                    .as_deref()
+                    .and_then(|t| {
+                        output::os_release_field(t, "VERSION_CODENAME")
+                            .or_else(|| output::os_release_field(t, "VERSION_ID"))
+                    })
+                    .unwrap_or_else(|| {
+                        warnings.push(
+                            "no VERSION_CODENAME in os-release; release named 'unknown'".into(),
+                        );
+                        "unknown".into()
+                    }),
+            };
+            let arch = output::arch_name(
+                &image.platform.architecture,
+                image.platform.variant.as_deref(),
+            );
+            let stem = match &opts.name {
+                Some(n) => n.clone(),
+                None => output::artifact_stem(&base_name, None, &release, &arch),
+            };
+            format!("{stem}{}", opts.compression.extension())
         }
+        OutputFormat::OciArchive => match &opts.name {
+            Some(n) => format!("{n}.tar"),
+            None => ociout::archive_name(&output::sanitize(&base_name), &tag)?,
+        },
     };
-    let file_name = format!("{stem}{}", opts.compression.extension());
     output::check_file_name(&file_name)?;
 
     fs::create_dir_all(&opts.output_dir)
         .with_context(|| format!("cannot create {}", opts.output_dir.display()))?;
     let final_path = opts.output_dir.join(&file_name);
-    let level = opts.level.unwrap_or(opts.compression.default_level());
-    if opts.compression == OutputCompression::Xz && level > 9
-        || opts.compression == OutputCompression::Zstd && !(1..=22).contains(&level)
-        || opts.compression == OutputCompression::Gzip && level > 9
-    {
-        bail!("level {level} is out of range for {:?}", opts.compression);
-    }
     let threads = opts
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
@@ -216,7 +372,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         }
     });
     drop(seen);
-    let bar = if opts.progress {
+    let bar = if opts.progress && !opts.keep_layers {
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -232,30 +388,61 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     };
 
     let pending = PendingFile::create(&opts.output_dir)?;
-    let hashed = HashWrite::new(pending.file());
-    let encoder = Encoder::new(opts.compression, level, threads, hashed)?;
-    let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, encoder));
     let cancel = opts.cancel.clone();
     let mut tick = |n: u64| {
         bar.inc(n);
         cancelled(&cancel)
     };
-    let (stats, emit_warnings) = flatten::emit(
-        &image,
-        &mut index,
-        &EmitOptions {
-            clamp_mtime: opts.source_date_epoch,
-        },
-        &mut tar,
-        &mut tick,
-    )?;
-    warnings.extend(emit_warnings);
-    let encoder = tar
-        .finish()
-        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-        .context("cannot write the artifact")?;
-    let hashed = encoder.finish().context("cannot finish compression")?;
-    let (sha256, size, _) = hashed.finish();
+    let (entries, oci, sha256, size) = match opts.format {
+        OutputFormat::Rootfs => {
+            let hashed = HashWrite::new(pending.file());
+            let encoder = Encoder::new(opts.compression, level, threads, hashed)?;
+            let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, encoder));
+            let (stats, emit_warnings) = flatten::emit(
+                &image,
+                &mut index,
+                &EmitOptions {
+                    clamp_mtime: opts.source_date_epoch,
+                    names: NameStyle::Rootfs,
+                },
+                &mut tar,
+                &mut tick,
+            )?;
+            warnings.extend(emit_warnings);
+            let encoder = tar
+                .finish()
+                .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+                .context("cannot write the artifact")?;
+            let hashed = encoder.finish().context("cannot finish compression")?;
+            let (sha256, size, _) = hashed.finish();
+            (stats, None, sha256, size)
+        }
+        OutputFormat::OciArchive => {
+            let mut archive = ociout::write(
+                pending.file(),
+                &image,
+                &mut index,
+                &OciOptions {
+                    compression: opts.compression,
+                    level,
+                    threads,
+                    keep_layers: opts.keep_layers,
+                    init_injected: opts.inject.is_some(),
+                    tag: tag.clone(),
+                    source_date_epoch: opts.source_date_epoch,
+                },
+                &mut tick,
+            )?;
+            warnings.append(&mut archive.warnings);
+            let (sha256, size) = output::hash_file(pending.file())?;
+            (
+                archive.entries.take().unwrap_or_default(),
+                Some(archive),
+                sha256,
+                size,
+            )
+        }
+    };
     bar.finish_and_clear();
     cancelled(&opts.cancel)?;
     pending.commit(&final_path)?;
@@ -265,6 +452,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         .layers
         .iter()
         .zip(&index.layers)
+        .take(source_layers)
         .map(|(d, s)| LayerSummary {
             digest: d.digest.as_ref().map(|d| d.to_string()),
             diff_id: d.diff_id.to_string(),
@@ -280,7 +468,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         size,
         sha256,
         sums_file,
-        format: "rootfs",
+        format: opts.format,
         compression: opts.compression,
         level,
         source: SourceSummary {
@@ -294,7 +482,9 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
             layers,
             registry: registry_stats,
         },
-        entries: stats,
+        entries,
+        injected,
+        oci,
         warnings,
         seconds: started.elapsed().as_secs_f64(),
     })

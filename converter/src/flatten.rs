@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 
 use anyhow::{anyhow, Context, Result};
 
-use crate::layer::{self, LayerStats, MemberKind};
+use crate::layer::{self, LayerDesc, LayerStats, MemberKind};
 use crate::path::RelPath;
 use crate::source::ResolvedImage;
 use crate::tarout::{OutEntry, OutKind, TarWriter};
@@ -88,101 +88,111 @@ pub fn index_layers(
     implicit_mtime: u64,
     on_layer: &mut dyn FnMut(usize, usize),
 ) -> Result<Index> {
-    let mut tree = Tree::new(implicit_mtime);
-    let mut warnings = image.warnings.clone();
-    let mut captured = HashMap::new();
-    let mut stats = Vec::with_capacity(image.layers.len());
+    let mut index = Index {
+        tree: Tree::new(implicit_mtime),
+        layers: Vec::with_capacity(image.layers.len()),
+        captured: HashMap::new(),
+        warnings: image.warnings.clone(),
+    };
     for desc in &image.layers {
         on_layer(desc.index, image.layers.len());
-        let label = desc.label();
-        let blob = image.blobs.open_layer(desc)?;
-        let mut members = Vec::new();
-        let layer_index = desc.index as u32;
-        let st = layer::read_layer(blob, desc, &mut warnings, |ordinal, entry, pax| {
-            let member = layer::parse_member(entry, pax)
-                .with_context(|| format!("{label}: member #{ordinal}"))?;
-            if let MemberKind::File { size } = member.kind {
-                let name = member.path.file_name().unwrap_or_default();
-                if size <= CAPTURE_MAX && CAPTURED_NAMES.contains(&name) {
-                    let mut buf = Vec::new();
-                    entry
-                        .read_to_end(&mut buf)
-                        .with_context(|| format!("{label}: cannot read '{}'", member.path))?;
-                    captured.insert(
-                        Source {
-                            layer: layer_index,
-                            ordinal,
-                        },
-                        buf,
-                    );
-                }
-            }
-            members.push((ordinal, member));
-            Ok(())
-        })?;
-        stats.push(st);
-
-        tree.begin_layer();
-        // Whiteouts and opaque markers act on lower layers only, wherever they sit
-        // in this layer: apply them all before any of this layer's members.
-        for (ordinal, m) in &members {
-            let ctx = || format!("{label}: member #{ordinal} '{}'", m.path);
-            match &m.role {
-                Role::Whiteout { dir, name } => {
-                    tree.whiteout(dir, name).with_context(ctx)?;
-                }
-                Role::Opaque { dir } => tree.opaque(dir).with_context(ctx)?,
-                Role::Plain | Role::AufsMeta => {}
-            }
-        }
-        for (ordinal, m) in members {
-            let ctx = || format!("{label}: member #{ordinal} '{}'", m.path);
-            match m.role {
-                Role::Plain => {}
-                Role::AufsMeta => {
-                    warnings.push(format!("{label}: skipped AUFS metadata '{}'", m.path));
-                    continue;
-                }
-                Role::Whiteout { .. } | Role::Opaque { .. } => continue,
-            }
-            let kind = match m.kind {
-                MemberKind::Dir => Kind::Dir,
-                MemberKind::File { size } => Kind::File {
-                    source: Source {
-                        layer: layer_index,
-                        ordinal,
-                    },
-                    size,
-                },
-                MemberKind::Symlink(t) => Kind::Symlink(t),
-                MemberKind::Fifo => Kind::Fifo,
-                MemberKind::CharDevice(a, b) => Kind::CharDevice(a, b),
-                MemberKind::BlockDevice(a, b) => Kind::BlockDevice(a, b),
-                MemberKind::Hardlink(target) => {
-                    tree.link(&m.path, &target).with_context(ctx)?;
-                    continue;
-                }
-                MemberKind::Ignored(why) => {
-                    warnings.push(format!(
-                        "{label}: member #{ordinal} '{}': {why}; skipped",
-                        m.path
-                    ));
-                    continue;
-                }
-            };
-            tree.insert(&m.path, Inode { kind, meta: m.meta })
-                .with_context(ctx)?;
-        }
-        for note in tree.notes.drain(..) {
-            warnings.push(format!("{label}: {note}"));
-        }
+        index_layer(&mut index, image, desc)?;
     }
-    Ok(Index {
+    Ok(index)
+}
+
+/// Pass 1 for one more layer on top of those already indexed (the converter's
+/// own injected layer goes through the same rules as the image's).
+pub fn index_layer(index: &mut Index, image: &ResolvedImage, desc: &LayerDesc) -> Result<()> {
+    let Index {
         tree,
         layers: stats,
         captured,
         warnings,
-    })
+    } = index;
+    let label = desc.label();
+    let blob = image.blobs.open_layer(desc)?;
+    let mut members = Vec::new();
+    let layer_index = desc.index as u32;
+    let st = layer::read_layer(blob, desc, warnings, |ordinal, entry, pax| {
+        let member = layer::parse_member(entry, pax)
+            .with_context(|| format!("{label}: member #{ordinal}"))?;
+        if let MemberKind::File { size } = member.kind {
+            let name = member.path.file_name().unwrap_or_default();
+            if size <= CAPTURE_MAX && CAPTURED_NAMES.contains(&name) {
+                let mut buf = Vec::new();
+                entry
+                    .read_to_end(&mut buf)
+                    .with_context(|| format!("{label}: cannot read '{}'", member.path))?;
+                captured.insert(
+                    Source {
+                        layer: layer_index,
+                        ordinal,
+                    },
+                    buf,
+                );
+            }
+        }
+        members.push((ordinal, member));
+        Ok(())
+    })?;
+    stats.push(st);
+
+    tree.begin_layer();
+    // Whiteouts and opaque markers act on lower layers only, wherever they sit
+    // in this layer: apply them all before any of this layer's members.
+    for (ordinal, m) in &members {
+        let ctx = || format!("{label}: member #{ordinal} '{}'", m.path);
+        match &m.role {
+            Role::Whiteout { dir, name } => {
+                tree.whiteout(dir, name).with_context(ctx)?;
+            }
+            Role::Opaque { dir } => tree.opaque(dir).with_context(ctx)?,
+            Role::Plain | Role::AufsMeta => {}
+        }
+    }
+    for (ordinal, m) in members {
+        let ctx = || format!("{label}: member #{ordinal} '{}'", m.path);
+        match m.role {
+            Role::Plain => {}
+            Role::AufsMeta => {
+                warnings.push(format!("{label}: skipped AUFS metadata '{}'", m.path));
+                continue;
+            }
+            Role::Whiteout { .. } | Role::Opaque { .. } => continue,
+        }
+        let kind = match m.kind {
+            MemberKind::Dir => Kind::Dir,
+            MemberKind::File { size } => Kind::File {
+                source: Source {
+                    layer: layer_index,
+                    ordinal,
+                },
+                size,
+            },
+            MemberKind::Symlink(t) => Kind::Symlink(t),
+            MemberKind::Fifo => Kind::Fifo,
+            MemberKind::CharDevice(a, b) => Kind::CharDevice(a, b),
+            MemberKind::BlockDevice(a, b) => Kind::BlockDevice(a, b),
+            MemberKind::Hardlink(target) => {
+                tree.link(&m.path, &target).with_context(ctx)?;
+                continue;
+            }
+            MemberKind::Ignored(why) => {
+                warnings.push(format!(
+                    "{label}: member #{ordinal} '{}': {why}; skipped",
+                    m.path
+                ));
+                continue;
+            }
+        };
+        tree.insert(&m.path, Inode { kind, meta: m.meta })
+            .with_context(ctx)?;
+    }
+    for note in tree.notes.drain(..) {
+        warnings.push(format!("{label}: {note}"));
+    }
+    Ok(())
 }
 
 /// Counts reported in the summary.
@@ -200,14 +210,31 @@ pub struct EmitStats {
     pub tar_bytes: u64,
 }
 
+/// How member names are spelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NameStyle {
+    /// Proxmox rootfs templates: `./` first, every name prefixed `./`
+    /// (PVE extracts with `--anchored --exclude ./dev/*`).
+    #[default]
+    Rootfs,
+    /// An OCI layer: plain relative names (`etc/`, `bin/sh`) and no root member,
+    /// as image builders write them.
+    Layer,
+}
+
 /// Options for pass 2.
+#[derive(Debug, Clone, Default)]
 pub struct EmitOptions {
     /// `SOURCE_DATE_EPOCH`: no mtime in the output is later than this.
     pub clamp_mtime: Option<u64>,
+    pub names: NameStyle,
 }
 
-fn member_name(path: &RelPath, dir: bool) -> Vec<u8> {
-    let mut name = b"./".to_vec();
+fn member_name(path: &RelPath, dir: bool, style: NameStyle) -> Vec<u8> {
+    let mut name = match style {
+        NameStyle::Rootfs => b"./".to_vec(),
+        NameStyle::Layer => Vec::new(),
+    };
     if !path.is_root() {
         name.extend_from_slice(&path.to_bytes());
         if dir {
@@ -327,7 +354,10 @@ pub fn emit<W: Write>(
                 return;
             }
         };
-        let name = member_name(path, kind == OutKind::Dir);
+        if path.is_root() && opts.names == NameStyle::Layer {
+            return;
+        }
+        let name = member_name(path, kind == OutKind::Dir, opts.names);
         if let Some(first) = first_name.get(&id) {
             stats.hardlinks += 1;
             stats.entries += 1;
@@ -386,7 +416,7 @@ pub fn emit<W: Write>(
             let Kind::File { size, .. } = inode.kind else {
                 unreachable!("grouped nodes are regular files")
             };
-            let name = member_name(&primary, false);
+            let name = member_name(&primary, false, opts.names);
             let xattrs = filtered_xattrs(&primary, inode, &mut stats, &mut warns);
             out.append(&member_for(
                 inode,
@@ -409,7 +439,7 @@ pub fn emit<W: Write>(
             stats.entries += 1;
             stats.file_bytes += size;
             for &(_, _, alias) in &group[1..] {
-                let alias_name = member_name(&tree.path_of(alias), false);
+                let alias_name = member_name(&tree.path_of(alias), false, opts.names);
                 out.append(&member_for(
                     inode,
                     clamp,

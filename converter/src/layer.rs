@@ -219,6 +219,30 @@ pub fn read_layer(
     })
 }
 
+/// The uncompressed tar of a layer blob (compression told by its magic bytes).
+/// No digest is checked here: callers hash what they read.
+pub fn decompressed(blob: Box<dyn Read + Send>) -> Result<Box<dyn Read + Send>> {
+    let mut raw = BufReader::with_capacity(256 * 1024, blob);
+    let magic = raw.fill_buf().context("cannot read blob")?.to_vec();
+    Ok(match Compression::sniff(&magic) {
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(raw).context("cannot start zstd decoder")?,
+        ),
+        Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(raw)),
+        Compression::Plain => Box::new(raw),
+    })
+}
+
+/// Whether a gzip blob is exactly one gzip member (Proxmox's OCI extraction
+/// reads only the first). Decompresses the whole blob.
+pub fn gzip_is_single_member(blob: Box<dyn Read + Send>) -> Result<bool> {
+    let mut raw = BufReader::with_capacity(256 * 1024, blob);
+    let mut first = flate2::bufread::GzDecoder::new(&mut raw);
+    io::copy(&mut first, &mut io::sink()).context("corrupt gzip layer")?;
+    Ok(raw.fill_buf().context("cannot read blob")?.is_empty())
+}
+
 /// A tar member reduced to what the merge needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {

@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use hakim_convert::compress::OutputCompression;
-use hakim_convert::convert::{convert, ConvertOptions, Summary};
+use hakim_convert::convert::{convert, ConvertOptions, OutputFormat, Summary};
+use hakim_convert::inject::InjectOptions;
 use hakim_convert::registry::{Credentials, ProgressMode, RegistryOptions, RetryPolicy};
 use hakim_convert::source::Platform;
 
@@ -57,8 +58,12 @@ struct ConvertArgs {
     /// Platform to pick from a multi-platform index.
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<Platform>,
-    #[arg(long, value_enum, default_value_t = OutputCompression::Xz)]
-    compression: OutputCompression,
+    /// rootfs: a Proxmox rootfs template; oci-archive: a Proxmox-importable OCI archive.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Rootfs)]
+    format: OutputFormat,
+    /// Artifact compression (rootfs, default xz) or layer compression (oci-archive: gzip (default) or zstd).
+    #[arg(long, value_enum)]
+    compression: Option<OutputCompression>,
     /// Compression level (xz 0-9, default 6; zstd 1-22, default 3; gzip 0-9, default 6).
     #[arg(long)]
     level: Option<u32>,
@@ -74,6 +79,22 @@ struct ConvertArgs {
     /// Release for the default name (default: VERSION_CODENAME from /etc/os-release).
     #[arg(long)]
     release: Option<String>,
+    /// oci-archive: the tag in the file name and index (default: the source's tag, else latest).
+    #[arg(long)]
+    tag: Option<String>,
+    /// oci-archive: copy the source layers (re-encoding those Proxmox cannot read) instead of one flattened layer.
+    #[arg(long)]
+    keep_layers: bool,
+    /// Add this static hakim-init binary as /usr/local/sbin/hakim-init and make it the entry point
+    /// (/sbin/init for rootfs templates, Entrypoint for OCI archives).
+    #[arg(long, value_name = "PATH", help_heading = INJ)]
+    inject_init: Option<PathBuf>,
+    /// Service files (*.toml) to install under /etc/hakim/services/.
+    #[arg(long, value_name = "DIR", requires = "inject_init", help_heading = INJ)]
+    services: Option<PathBuf>,
+    /// Keep /etc/ssh/ssh_host_* (by default they are removed: every workspace would share them).
+    #[arg(long, requires = "inject_init", help_heading = INJ)]
+    keep_ssh_host_keys: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -113,8 +134,17 @@ struct ConvertArgs {
 }
 
 const REG: &str = "Registry sources";
+const INJ: &str = "hakim-init injection";
 
 impl ConvertArgs {
+    fn inject_options(&self) -> Option<InjectOptions> {
+        self.inject_init.as_ref().map(|init| InjectOptions {
+            init_binary: init.clone(),
+            services_dir: self.services.clone(),
+            keep_ssh_host_keys: self.keep_ssh_host_keys,
+        })
+    }
+
     fn registry_options(&self, progress: ProgressMode) -> Result<RegistryOptions> {
         let credentials = match &self.creds {
             Some(c) => Some(Credentials::parse_pair(c).context("--creds")?),
@@ -182,17 +212,34 @@ fn write_report(summary: &Summary, json: bool) -> std::io::Result<()> {
         )?;
         return Ok(());
     }
-    let e = &summary.entries;
     writeln!(out, "{}", summary.artifact.display())?;
     writeln!(out, "  sha256      {}", summary.sha256)?;
+    let e = &summary.entries;
+    let tar_mib = if e.entries > 0 {
+        format!(" from {:.1} MiB of tar", e.tar_bytes as f64 / 1048576.0)
+    } else {
+        String::new()
+    };
+    let what = match summary.format {
+        OutputFormat::Rootfs => "",
+        OutputFormat::OciArchive => "layers ",
+    };
     writeln!(
         out,
-        "  size        {:.1} MiB ({:?} level {}) from {:.1} MiB of tar",
+        "  size        {:.1} MiB ({what}{:?} level {}){tar_mib}",
         summary.size as f64 / 1048576.0,
         summary.compression,
         summary.level,
-        e.tar_bytes as f64 / 1048576.0
     )?;
+    if let Some(oci) = &summary.oci {
+        writeln!(
+            out,
+            "  image       {} ({} layer{})",
+            oci.manifest.digest,
+            oci.layers.len(),
+            if oci.layers.len() == 1 { "" } else { "s" }
+        )?;
+    }
     writeln!(
         out,
         "  source      {} ({}, {} layers{})",
@@ -206,17 +253,22 @@ fn write_report(summary: &Summary, json: bool) -> std::io::Result<()> {
             .map(|d| format!(", {d}"))
             .unwrap_or_default()
     )?;
-    writeln!(
-        out,
-        "  entries     {} ({} dirs, {} files, {} symlinks, {} hardlinks, {} fifos)",
-        e.entries, e.directories, e.files, e.symlinks, e.hardlinks, e.fifos
-    )?;
-    if e.devices_dropped + e.xattrs_dropped > 0 {
+    if e.entries > 0 {
         writeln!(
             out,
-            "  dropped     {} device nodes, {} xattrs",
-            e.devices_dropped, e.xattrs_dropped
+            "  entries     {} ({} dirs, {} files, {} symlinks, {} hardlinks, {} fifos)",
+            e.entries, e.directories, e.files, e.symlinks, e.hardlinks, e.fifos
         )?;
+        if e.devices_dropped + e.xattrs_dropped > 0 {
+            writeln!(
+                out,
+                "  dropped     {} device nodes, {} xattrs",
+                e.devices_dropped, e.xattrs_dropped
+            )?;
+        }
+    }
+    if !summary.injected.is_empty() {
+        writeln!(out, "  injected    {}", summary.injected.join(" "))?;
     }
     writeln!(out, "  checksums   {}", summary.sums_file.display())?;
     writeln!(out, "  took        {:.1} s", summary.seconds)?;
@@ -243,16 +295,21 @@ fn run(cli: Cli) -> Result<()> {
                 (false, false) => ProgressMode::Lines,
             };
             let registry = a.registry_options(mode)?;
+            let inject = a.inject_options();
             let summary = convert(&ConvertOptions {
                 source: a.source,
                 output_dir: a.output_dir,
                 platform: a.platform,
-                compression: a.compression,
+                format: a.format,
+                compression: a.compression.unwrap_or(a.format.default_compression()),
                 level: a.level,
                 threads: a.threads,
                 name: a.name,
                 variant: a.variant,
                 release: a.release,
+                tag: a.tag,
+                keep_layers: a.keep_layers,
+                inject,
                 source_date_epoch: source_date_epoch()?,
                 cancel,
                 progress: progress && !a.quiet,
@@ -274,12 +331,16 @@ fn run(cli: Cli) -> Result<()> {
                 source: format!("oci:{}:latest", layout.display()),
                 output_dir,
                 platform: None,
+                format: OutputFormat::Rootfs,
                 compression: OutputCompression::Xz,
                 level: None,
                 threads: None,
                 name: None,
                 variant: None,
                 release: None,
+                tag: None,
+                keep_layers: false,
+                inject: None,
                 source_date_epoch: source_date_epoch()?,
                 cancel,
                 progress,

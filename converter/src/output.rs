@@ -145,6 +145,17 @@ impl PendingFile {
     }
 }
 
+/// sha256 (hex) and size of a whole file, read from its start.
+pub fn hash_file(file: &File) -> Result<(String, u64)> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file.try_clone().context("cannot reopen the artifact")?;
+    f.seek(SeekFrom::Start(0))?;
+    let mut hashed = HashWrite::new(io::sink());
+    io::copy(&mut f, &mut hashed).context("cannot read the artifact back")?;
+    let (sha, size, _) = hashed.finish();
+    Ok((sha, size))
+}
+
 /// Adds or replaces `name`'s line in `dir/sha256sums.txt`, keeping other lines,
 /// under a lock so parallel conversions into one directory don't lose entries.
 pub fn update_sums(dir: &Path, name: &str, sha256: &str) -> Result<PathBuf> {

@@ -393,6 +393,14 @@ impl Tree {
         }
     }
 
+    /// Names and nodes directly inside `dir`, in byte order (empty for a non-directory).
+    pub fn children(&self, dir: NodeId) -> impl Iterator<Item = (&[u8], NodeId)> {
+        self.nodes[dir as usize]
+            .children
+            .iter()
+            .map(|(name, &node)| (&name[..], node))
+    }
+
     /// Number of nodes currently reachable from the root (the root included).
     pub fn live_entries(&self) -> usize {
         let mut count = 0;

@@ -98,6 +98,15 @@ pub trait BlobStore: Send + Sync {
     fn open_layer(&self, layer: &LayerDesc) -> Result<Box<dyn Read + Send>>;
 }
 
+/// A store with no blobs (a placeholder while another store is being wrapped).
+pub struct NoBlobs;
+
+impl BlobStore for NoBlobs {
+    fn open_layer(&self, layer: &LayerDesc) -> Result<Box<dyn Read + Send>> {
+        bail!("{}: no blob store", layer.label())
+    }
+}
+
 /// An image ready to flatten.
 pub struct ResolvedImage {
     /// The reference as the user gave it.

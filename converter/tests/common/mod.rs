@@ -4,8 +4,6 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use hakim_convert::compress::OutputCompression;
 use hakim_convert::convert::{convert, ConvertOptions, Summary};
@@ -39,19 +37,10 @@ impl Fixture {
 
     pub fn options(&self, compression: OutputCompression) -> ConvertOptions {
         ConvertOptions {
-            source: format!("oci:{}:1", self.layout().display()),
-            output_dir: self.out(),
-            platform: None,
             compression,
-            level: None,
             threads: Some(1),
             name: Some("fixture".into()),
-            variant: None,
-            release: None,
-            source_date_epoch: None,
-            cancel: Arc::new(AtomicBool::new(false)),
-            progress: false,
-            registry: Default::default(),
+            ..ConvertOptions::new(format!("oci:{}:1", self.layout().display()), self.out())
         }
     }
 
