@@ -21,26 +21,7 @@ use crate::registry::{RegistryOptions, RegistryStats};
 use crate::source::{self, BlobStore, Platform};
 use crate::tarout::TarWriter;
 use crate::tree::Kind;
-
-/// `ID`s Proxmox's container setup recognises; anything else needs `ostype: unmanaged`.
-const PVE_KNOWN_OS_IDS: &[&str] = &[
-    "debian",
-    "devuan",
-    "ubuntu",
-    "centos",
-    "fedora",
-    "opensuse",
-    "opensuse-leap",
-    "opensuse-tumbleweed",
-    "archlinux",
-    "arch",
-    "alpine",
-    "gentoo",
-    "nixos",
-    "almalinux",
-    "rocky",
-    "rhel",
-];
+use crate::verify::PVE_KNOWN_OS_IDS;
 
 /// What kind of artifact to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]

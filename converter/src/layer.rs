@@ -101,6 +101,30 @@ impl Read for Decoder {
 }
 
 impl Decoder {
+    /// Sniffs the compression of `blob` and starts the matching decoder.
+    fn open(
+        blob: Box<dyn Read + Send>,
+        size_limit: Option<u64>,
+        label: &str,
+    ) -> Result<(Compression, Decoder)> {
+        let mut raw = BufReader::with_capacity(256 * 1024, HashRead::new(blob, size_limit));
+        let magic = raw
+            .fill_buf()
+            .with_context(|| format!("{label}: cannot read blob"))?
+            .to_vec();
+        let compression = Compression::sniff(&magic);
+        let decoder = match compression {
+            Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(raw)),
+            Compression::Zstd => Decoder::Zstd(
+                zstd::stream::read::Decoder::with_buffer(raw)
+                    .with_context(|| format!("{label}: cannot start zstd decoder"))?,
+            ),
+            Compression::Xz => Decoder::Xz(liblzma::bufread::XzDecoder::new_multi_decoder(raw)),
+            Compression::Plain => Decoder::Plain(raw),
+        };
+        Ok((compression, decoder))
+    }
+
     fn into_inner(self) -> Compressed {
         match self {
             Decoder::Gzip(d) => d.into_inner(),
@@ -123,41 +147,29 @@ pub struct LayerStats {
     pub members: u64,
 }
 
-/// Streams a layer: calls `on_member(ordinal, entry, pax)` for every tar member
-/// (`pax`: the raw data of its PAX extended header, if any), then
-/// drains the rest and checks size, blob digest and diff_id. Any mismatch is an
-/// error naming the layer; the caller must not have produced output from it yet
-/// (pass 1), or must discard what it produced (pass 2).
-pub fn read_layer(
+/// What streaming a whole tar blob established.
+#[derive(Debug, Clone)]
+pub struct Walked {
+    pub compression: Compression,
+    pub blob_digest: Digest,
+    pub compressed_bytes: u64,
+    pub diff_id: Digest,
+    pub uncompressed_bytes: u64,
+    pub members: u64,
+}
+
+/// Streams a (possibly compressed) tar blob: calls `on_member(ordinal, entry,
+/// pax)` for every member (`pax`: the raw data of its PAX extended header, if
+/// any), drains the rest, and returns both digests. `size_limit` makes a longer
+/// blob an error as soon as it is exceeded. Checks nothing else.
+pub fn walk_tar(
     blob: Box<dyn Read + Send>,
-    desc: &LayerDesc,
+    size_limit: Option<u64>,
+    label: &str,
     warnings: &mut Vec<String>,
     mut on_member: impl FnMut(u64, &mut LayerEntry<'_>, Option<&[u8]>) -> Result<()>,
-) -> Result<LayerStats> {
-    let label = desc.label();
-    let mut raw = BufReader::with_capacity(256 * 1024, HashRead::new(blob, desc.size));
-    let magic = raw
-        .fill_buf()
-        .with_context(|| format!("{label}: cannot read blob"))?
-        .to_vec();
-    let compression = Compression::sniff(&magic);
-    if let Some(claimed) = Compression::from_media_type(&desc.media_type) {
-        if claimed != compression {
-            warnings.push(format!(
-                "{label}: media type {} says {claimed:?} but the bytes are {compression:?}; using {compression:?}",
-                desc.media_type
-            ));
-        }
-    }
-    let decoder = match compression {
-        Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(raw)),
-        Compression::Zstd => Decoder::Zstd(
-            zstd::stream::read::Decoder::with_buffer(raw)
-                .with_context(|| format!("{label}: cannot start zstd decoder"))?,
-        ),
-        Compression::Xz => Decoder::Xz(liblzma::bufread::XzDecoder::new_multi_decoder(raw)),
-        Compression::Plain => Decoder::Plain(raw),
-    };
+) -> Result<Walked> {
+    let (compression, decoder) = Decoder::open(blob, size_limit, label)?;
     let (stream, tap) = TarStream::new(HashRead::new(decoder, None));
     let mut archive = tar::Archive::new(stream);
     let mut members = 0u64;
@@ -194,44 +206,71 @@ pub fn read_layer(
         ));
     }
     let (blob_digest, compressed_bytes, _) = raw.into_inner().finish();
+    Ok(Walked {
+        compression,
+        blob_digest,
+        compressed_bytes,
+        diff_id,
+        uncompressed_bytes,
+        members,
+    })
+}
 
+/// Streams a layer through [`walk_tar`], then checks size, blob digest and
+/// diff_id against its descriptor. Any mismatch is an error naming the layer;
+/// the caller must not have produced output from it yet (pass 1), or must
+/// discard what it produced (pass 2).
+pub fn read_layer(
+    blob: Box<dyn Read + Send>,
+    desc: &LayerDesc,
+    warnings: &mut Vec<String>,
+    on_member: impl FnMut(u64, &mut LayerEntry<'_>, Option<&[u8]>) -> Result<()>,
+) -> Result<LayerStats> {
+    let label = desc.label();
+    let walked = walk_tar(blob, desc.size, &label, warnings, on_member)?;
+    if let Some(claimed) = Compression::from_media_type(&desc.media_type) {
+        if claimed != walked.compression {
+            warnings.push(format!(
+                "{label}: media type {} says {claimed:?} but the bytes are {:?}; using {:?}",
+                desc.media_type, walked.compression, walked.compression
+            ));
+        }
+    }
     if let Some(size) = desc.size {
-        if compressed_bytes != size {
-            bail!("{label}: blob is {compressed_bytes} bytes but its descriptor declares {size}");
+        if walked.compressed_bytes != size {
+            bail!(
+                "{label}: blob is {} bytes but its descriptor declares {size}",
+                walked.compressed_bytes
+            );
         }
     }
     if let Some(expected) = &desc.digest {
-        if &blob_digest != expected {
-            bail!("{label}: blob digest mismatch: content hashes to {blob_digest}");
+        if &walked.blob_digest != expected {
+            bail!(
+                "{label}: blob digest mismatch: content hashes to {}",
+                walked.blob_digest
+            );
         }
     }
-    if diff_id != desc.diff_id {
+    if walked.diff_id != desc.diff_id {
         bail!(
-            "{label}: diff_id mismatch: config says {} but the uncompressed layer hashes to {diff_id}",
-            desc.diff_id
+            "{label}: diff_id mismatch: config says {} but the uncompressed layer hashes to {}",
+            desc.diff_id,
+            walked.diff_id
         );
     }
     Ok(LayerStats {
-        compression,
-        compressed_bytes,
-        uncompressed_bytes,
-        members,
+        compression: walked.compression,
+        compressed_bytes: walked.compressed_bytes,
+        uncompressed_bytes: walked.uncompressed_bytes,
+        members: walked.members,
     })
 }
 
 /// The uncompressed tar of a layer blob (compression told by its magic bytes).
 /// No digest is checked here: callers hash what they read.
 pub fn decompressed(blob: Box<dyn Read + Send>) -> Result<Box<dyn Read + Send>> {
-    let mut raw = BufReader::with_capacity(256 * 1024, blob);
-    let magic = raw.fill_buf().context("cannot read blob")?.to_vec();
-    Ok(match Compression::sniff(&magic) {
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::with_buffer(raw).context("cannot start zstd decoder")?,
-        ),
-        Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(raw)),
-        Compression::Plain => Box::new(raw),
-    })
+    Ok(Box::new(Decoder::open(blob, None, "layer")?.1))
 }
 
 /// Whether a gzip blob is exactly one gzip member (Proxmox's OCI extraction
@@ -246,6 +285,8 @@ pub fn gzip_is_single_member(blob: Box<dyn Read + Send>) -> Result<bool> {
 /// A tar member reduced to what the merge needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
+    /// The name as the archive spells it (`./etc/`), PAX `path` applied.
+    pub raw_name: Vec<u8>,
     pub path: RelPath,
     pub role: Role,
     pub kind: MemberKind,
@@ -392,6 +433,7 @@ pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Me
         )),
     };
     Ok(Member {
+        raw_name,
         path,
         role,
         kind,

@@ -22,4 +22,5 @@ pub mod source;
 pub mod tarout;
 pub mod tarstream;
 pub mod tree;
+pub mod verify;
 pub mod whiteout;

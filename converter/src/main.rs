@@ -36,6 +36,15 @@ struct Cli {
 enum Command {
     /// Flatten an image into a Proxmox rootfs template (vztmpl) plus sha256sums.txt.
     Convert(Box<ConvertArgs>),
+    /// Check a rootfs template or OCI archive against every rule Proxmox applies
+    /// (and its sha256sums.txt line). Exits 1 when a rule fails.
+    Verify {
+        /// The artifact (.tar.xz/.tar.zst/.tar.gz/.tar rootfs or .tar OCI archive).
+        artifact: PathBuf,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build a small sample image (OCI layout) and convert it: the quickest way to see the tool work.
     Demo {
         /// Where the sample layout and the artifact go.
@@ -275,6 +284,35 @@ fn write_report(summary: &Summary, json: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+fn print_verify(report: &hakim_convert::verify::Report, json: bool) -> Result<()> {
+    use hakim_convert::verify::Status;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let result = if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(report)?)
+    } else {
+        writeln!(out, "{} ({})", report.artifact, report.kind).and_then(|()| {
+            for c in &report.checks {
+                let mark = match c.status {
+                    Status::Pass => "pass",
+                    Status::Warn => "WARN",
+                    Status::Fail => "FAIL",
+                };
+                if c.detail.is_empty() {
+                    writeln!(out, "  {mark}  {}", c.rule)?;
+                } else {
+                    writeln!(out, "  {mark}  {}: {}", c.rule, c.detail)?;
+                }
+            }
+            Ok(())
+        })
+    };
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     let cancel = cancel_flag()?;
     let progress = std::io::stderr().is_terminal();
@@ -316,6 +354,15 @@ fn run(cli: Cli) -> Result<()> {
                 registry,
             })?;
             report(&summary, a.json)
+        }
+        Command::Verify { artifact, json } => {
+            let report = hakim_convert::verify::verify(&artifact)?;
+            print_verify(&report, json)?;
+            if !report.passed() {
+                let n = report.failures().count();
+                anyhow::bail!("{}: {n} rule(s) failed", artifact.display());
+            }
+            Ok(())
         }
         Command::Demo { output_dir, json } => {
             let layout = output_dir.join("sample-oci");

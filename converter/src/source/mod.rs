@@ -12,7 +12,7 @@ pub mod manifest;
 pub mod oci_archive;
 pub mod oci_layout;
 pub mod registry;
-mod tar_index;
+pub(crate) mod tar_index;
 
 use std::fmt;
 use std::io::Read;
