@@ -185,6 +185,51 @@ pub fn choose_challenge<'a>(headers: impl IntoIterator<Item = &'a str>) -> Optio
     basic.then_some(Challenge::Basic)
 }
 
+/// Merges token scopes (`type:name:actions`, several per string when separated by
+/// spaces) into one space-separated list: one entry per resource, its actions the
+/// union, sorted. `repository:a:pull` and `repository:a:pull,push` give
+/// `repository:a:pull,push`. Entries that are not `type:name:actions` are kept as
+/// they are. The result merged again is the same (token cache keys stay stable).
+pub fn merge_scopes(scopes: &[&str]) -> String {
+    let mut resources: Vec<(String, Vec<String>)> = Vec::new();
+    let mut verbatim: Vec<String> = Vec::new();
+    for scope in scopes.iter().flat_map(|s| s.split(' ')) {
+        if scope.is_empty() {
+            continue;
+        }
+        // The name may hold ':' (a registry-qualified name); the actions never do.
+        let parsed = scope
+            .rsplit_once(':')
+            .filter(|(resource, _)| resource.contains(':'));
+        let Some((resource, actions)) = parsed else {
+            if !verbatim.iter().any(|v| v == scope) {
+                verbatim.push(scope.to_string());
+            }
+            continue;
+        };
+        let index = match resources.iter().position(|(r, _)| r == resource) {
+            Some(i) => i,
+            None => {
+                resources.push((resource.to_string(), Vec::new()));
+                resources.len() - 1
+            }
+        };
+        let set = &mut resources[index].1;
+        for a in actions.split(',').filter(|a| !a.is_empty()) {
+            if !set.iter().any(|x| x == a) {
+                set.push(a.to_string());
+            }
+        }
+        set.sort();
+    }
+    resources
+        .into_iter()
+        .map(|(r, a)| format!("{r}:{}", a.join(",")))
+        .chain(verbatim)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// What a token endpoint answered.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token {
@@ -516,6 +561,25 @@ mod tests {
         ] {
             let _ = choose_challenge([junk]);
         }
+    }
+
+    #[test]
+    fn scopes_merge() {
+        assert_eq!(
+            merge_scopes(&["repository:a/b:pull,push", "repository:a/b:pull"]),
+            "repository:a/b:pull,push"
+        );
+        let merged = merge_scopes(&[
+            "repository:dst:push,pull",
+            "repository:src:pull",
+            "repository:dst:pull repository:src:pull",
+        ]);
+        assert_eq!(merged, "repository:dst:pull,push repository:src:pull");
+        assert_eq!(merge_scopes(&[&merged]), merged);
+        assert_eq!(
+            merge_scopes(&["registry:catalog:*", "odd", "odd", ""]),
+            "registry:catalog:* odd"
+        );
     }
 
     #[test]

@@ -12,6 +12,12 @@
 //! - Redirects are followed here (at most 5): `Authorization` goes only to the
 //!   registry's own origin (scheme, host, port), never to a CDN; `Range` and
 //!   `Accept` are kept; an HTTPS → HTTP redirect is refused unless `--insecure`.
+//! - Any method ([`Client::request`]): `HEAD`, `GET`, and for pushes `POST`, `PUT`,
+//!   `PATCH` and `DELETE` with a body that can be sent again (after a 401 or a 307).
+//!   An absolute URL the registry handed out (an upload `Location`) gets
+//!   `Authorization` only when it is on the registry's own origin.
+//! - Token scopes: the challenge's, or, for a pushing client, the union of the
+//!   challenge's and the scopes the client asks for ([`Client::with_scopes`]).
 //! - One request is one attempt ([`Client::get`]); [`Client::retrying`] repeats
 //!   transient failures under the [`RetryPolicy`].
 
@@ -21,14 +27,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Result};
-use ureq::http::Uri;
+use ureq::http::{Method, Uri};
 
 use super::auth::{
-    choose_challenge, parse_token_response, Challenge, Credentials, TokenCache, TokenKey,
+    self, choose_challenge, merge_scopes, parse_token_response, Challenge, Credentials, TokenCache,
+    TokenKey,
 };
 use super::reference::{is_loopback_host, Reference};
 use super::retry::{parse_retry_after, random_u64, RetryPolicy, RetryState};
-use super::transport::{is_certificate_error, Agents};
+use super::transport::{is_certificate_error, Agents, ProxyEnv, TransportOptions};
+use super::RegistryOptions;
 use crate::digest::Digest;
 
 pub type Response = ureq::http::Response<ureq::Body>;
@@ -102,6 +110,38 @@ impl Scheme {
     }
 }
 
+/// What a request sends.
+#[derive(Clone, Copy)]
+pub enum Body<'a> {
+    Empty,
+    Bytes(&'a [u8]),
+    /// `len` bytes from a reader made afresh for every send (a repeat after a 401
+    /// or a 307 needs the body again from its start).
+    Stream {
+        len: u64,
+        open: &'a OpenBody<'a>,
+    },
+}
+
+/// Opens a [`Body::Stream`] from its start.
+pub type OpenBody<'a> = dyn Fn() -> Result<Box<dyn Read + 'a>> + 'a;
+
+/// Where a request goes.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    /// A path under `/v2/<repository>/`.
+    Repo(&'a str),
+    /// An absolute URL the registry handed out (an upload `Location`).
+    Url(&'a str),
+}
+
+/// A final response and the URL that gave it (a relative `Location` is resolved
+/// against it).
+pub struct Answer {
+    pub response: Response,
+    pub url: Uri,
+}
+
 /// Scheme, host and port: what `Authorization` is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Origin {
@@ -124,7 +164,7 @@ impl Origin {
 }
 
 /// Resolves a `Location` header against the URL that answered.
-fn resolve_location(base: &Uri, location: &str) -> Option<String> {
+pub fn resolve_location(base: &Uri, location: &str) -> Option<String> {
     let loc = location.trim();
     if loc.starts_with("http://") || loc.starts_with("https://") {
         return Some(loc.to_string());
@@ -143,7 +183,7 @@ fn resolve_location(base: &Uri, location: &str) -> Option<String> {
 }
 
 /// A printable, bounded excerpt of server-provided text.
-fn printable(s: &str, max: usize) -> String {
+pub fn printable(s: &str, max: usize) -> String {
     let mut out: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -216,6 +256,8 @@ pub struct Client {
     credential_source: Option<String>,
     challenge: Mutex<Option<Challenge>>,
     tokens: Mutex<TokenCache>,
+    /// Scopes asked for in every token request besides the challenge's (pushes).
+    scopes: Vec<String>,
     policy: RetryPolicy,
     cancel: Arc<AtomicBool>,
     /// Set when a sibling download failed: the others stop too.
@@ -237,6 +279,7 @@ impl Client {
             credential_source: opts.credential_source,
             challenge: Mutex::new(None),
             tokens: Mutex::new(TokenCache::default()),
+            scopes: Vec::new(),
             policy: opts.retry,
             cancel: opts.cancel,
             aborted: AtomicBool::new(false),
@@ -244,8 +287,69 @@ impl Client {
         }
     }
 
+    /// A client for `reference` set up from the run's options: credentials looked
+    /// up (`--creds`, `--creds-file`, auth files, `GITHUB_TOKEN`), agents built.
+    /// Returns the warnings of the credential lookup too.
+    pub fn connect(
+        reference: &Reference,
+        opts: &RegistryOptions,
+        notify: Notify,
+    ) -> Result<(Client, Vec<String>)> {
+        let env = |k: &str| std::env::var(k).ok();
+        let found = auth::find_credentials(
+            opts.credentials.as_ref(),
+            opts.credentials_file.as_deref(),
+            &reference.registry,
+            &reference.repository,
+            &env,
+        )?;
+        let (credentials, credential_source) = match found.credentials {
+            Some((c, s)) => (Some(c), Some(s.to_string())),
+            None => (None, None),
+        };
+        let agents = Agents::new(&TransportOptions {
+            insecure: opts.insecure,
+            ca_certs: opts.ca_certs.clone(),
+            connect_timeout: opts.connect_timeout,
+            read_timeout: opts.read_timeout,
+            proxy: ProxyEnv::from_lookup(env),
+            ssl_cert_file: env("SSL_CERT_FILE")
+                .filter(|v| !v.trim().is_empty())
+                .map(Into::into),
+        })?;
+        let client = Client::new(
+            reference,
+            ClientOptions {
+                agents,
+                insecure: opts.insecure,
+                credentials,
+                credential_source,
+                retry: opts.retry,
+                cancel: opts.cancel.clone(),
+                notify,
+            },
+        );
+        Ok((client, found.warnings))
+    }
+
+    /// Asks for `scopes` (`repository:NAME:pull,push`, …) in every token request,
+    /// merged with what each challenge names.
+    pub fn with_scopes(mut self, scopes: Vec<String>) -> Client {
+        self.scopes = scopes;
+        self
+    }
+
     pub fn registry(&self) -> &str {
         &self.registry
+    }
+
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    /// Where the credentials came from (`--creds`, a file…), `None` when anonymous.
+    pub fn credential_source(&self) -> Option<&str> {
+        self.credential_source.as_deref()
     }
 
     pub fn policy(&self) -> RetryPolicy {
@@ -282,19 +386,50 @@ impl Client {
         }
     }
 
-    fn default_scope(&self) -> String {
-        format!("repository:{}:pull", self.repository)
+    /// The scope of a token: the challenge's (or pull on our repository), plus
+    /// the scopes this client asks for.
+    fn token_scope(&self, challenge: Option<&str>) -> String {
+        let base = challenge
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("repository:{}:pull", self.repository));
+        if self.scopes.is_empty() {
+            return base;
+        }
+        let mut all: Vec<&str> = self.scopes.iter().map(String::as_str).collect();
+        all.push(&base);
+        merge_scopes(&all)
     }
 
     /// `GET /v2/<repository>/<path>`: one attempt, with auth and redirects handled.
     /// Any final status is returned (a 401 only after the credentials we could
     /// offer were refused); the caller interprets it, usually with [`Client::status_failure`].
     pub fn get(&self, path: &str, headers: &[(&str, String)]) -> Result<Response, Failure> {
+        self.request(Method::GET, Target::Repo(path), headers, Body::Empty)
+            .map(|a| a.response)
+    }
+
+    /// Any request, one attempt, as [`Client::get`]: auth, redirects (`GET`/`HEAD`
+    /// follow any; requests with a body only 307/308, sending the body again).
+    pub fn request(
+        &self,
+        method: Method,
+        target: Target<'_>,
+        headers: &[(&str, String)],
+        body: Body<'_>,
+    ) -> Result<Answer, Failure> {
         let mut refreshes = 0;
         loop {
             self.check_cancel()?;
             let auth = self.authorization()?;
-            let (resp, foreign) = self.send_to_registry(path, headers, auth.as_deref())?;
+            let (answer, foreign) = match target {
+                Target::Repo(path) => {
+                    self.send_to_registry(&method, path, headers, body, auth.as_deref())?
+                }
+                Target::Url(url) => {
+                    self.send_to_url(&method, url, headers, body, auth.as_deref())?
+                }
+            };
+            let resp = &answer.response;
             let status = resp.status().as_u16();
             if foreign && (status == 401 || status == 403) {
                 // A signed CDN URL that expired or was refused: a new attempt starts
@@ -313,10 +448,10 @@ impl Client {
                 );
             if status == 401 && refreshes < 2 && !bearer_refreshed {
                 refreshes += 1;
-                self.on_unauthorized(&resp, auth.is_some())?;
+                self.on_unauthorized(resp, auth.is_some())?;
                 continue;
             }
-            return Ok(resp);
+            return Ok(answer);
         }
     }
 
@@ -339,7 +474,7 @@ impl Client {
                 let key = TokenKey {
                     realm,
                     service,
-                    scope: scope.unwrap_or_else(|| self.default_scope()),
+                    scope: self.token_scope(scope.as_deref()),
                 };
                 let cached = self
                     .tokens
@@ -406,7 +541,7 @@ impl Client {
                 let key = TokenKey {
                     realm: realm.clone(),
                     service: service.clone(),
-                    scope: scope.clone().unwrap_or_else(|| self.default_scope()),
+                    scope: self.token_scope(scope.as_deref()),
                 };
                 self.tokens
                     .lock()
@@ -452,13 +587,21 @@ impl Client {
         if let Some(s) = &key.service {
             url.push_str(&format!("service={}&", percent_encode(s)));
         }
-        url.push_str(&format!("scope={}", percent_encode(&key.scope)));
+        // Several scopes (a push that mounts from another repository) are several
+        // `scope` parameters, as docker sends them.
+        let scopes: Vec<String> = key
+            .scope
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(|s| format!("scope={}", percent_encode(s)))
+            .collect();
+        url.push_str(&scopes.join("&"));
         let who = match &self.credential_source {
             Some(s) if basic.is_some() => format!("with the credentials from {s}"),
             _ => "anonymously".to_string(),
         };
-        let resp = match self.follow(&url, &[], basic.as_deref()) {
-            Ok((r, _)) => r,
+        let resp = match self.follow(&Method::GET, &url, &[], Body::Empty, basic.as_deref()) {
+            Ok((a, _)) => a.response,
             Err(SendError::Transport(e)) => {
                 return Err(self.transport_failure(&e, &format!("token realm {}", key.realm)))
             }
@@ -497,10 +640,12 @@ impl Client {
     /// Returns the final response and whether it came from another origin.
     fn send_to_registry(
         &self,
+        method: &Method,
         path: &str,
         headers: &[(&str, String)],
+        body: Body<'_>,
         auth: Option<&str>,
-    ) -> Result<(Response, bool), Failure> {
+    ) -> Result<(Answer, bool), Failure> {
         let known = *self.scheme.lock().unwrap_or_else(|e| e.into_inner());
         let schemes: &[Scheme] = match known {
             Some(Scheme::Https) => &[Scheme::Https],
@@ -517,7 +662,7 @@ impl Client {
                 self.repository,
                 path
             );
-            match self.follow(&url, headers, auth) {
+            match self.follow(method, &url, headers, body, auth) {
                 Ok(r) => {
                     *self.scheme.lock().unwrap_or_else(|e| e.into_inner()) = Some(scheme);
                     return Ok(r);
@@ -551,6 +696,50 @@ impl Client {
         )))
     }
 
+    /// Sends to a URL the registry handed out. `Authorization` goes along only when
+    /// it is on the registry's own origin; HTTPS → HTTP is refused without `--insecure`.
+    fn send_to_url(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Body<'_>,
+        auth: Option<&str>,
+    ) -> Result<(Answer, bool), Failure> {
+        let fatal = |m: String| Failure::Fatal(anyhow!(m));
+        let scheme = (*self.scheme.lock().unwrap_or_else(|e| e.into_inner()))
+            .ok_or_else(|| fatal(format!("{}: no scheme chosen yet", self.registry)))?;
+        let home = format!("{}://{}/", scheme.as_str(), self.authority)
+            .parse::<Uri>()
+            .ok()
+            .and_then(|u| Origin::of(&u))
+            .ok_or_else(|| fatal(format!("{}: not a valid registry address", self.registry)))?;
+        let origin = url
+            .parse::<Uri>()
+            .ok()
+            .and_then(|u| Origin::of(&u))
+            .ok_or_else(|| {
+                fatal(format!(
+                    "{}: the registry gave an unusable URL {}",
+                    self.registry,
+                    printable(url, 200)
+                ))
+            })?;
+        if home.https && !origin.https && !self.insecure {
+            return Err(fatal(format!(
+                "{}: refusing to continue over plain HTTP at {} (use --insecure to allow)",
+                self.registry,
+                printable(url, 200)
+            )));
+        }
+        let same = origin == home;
+        match self.follow(method, url, headers, body, auth.filter(|_| same)) {
+            Ok((answer, foreign)) => Ok((answer, foreign || !same)),
+            Err(SendError::Failure(f)) => Err(f),
+            Err(SendError::Transport(e)) => Err(self.transport_failure(&e, &self.registry)),
+        }
+    }
+
     fn transport_failure(&self, e: &ureq::Error, what: &str) -> Failure {
         if is_certificate_error(e) {
             // webpki refuses a CA certificate presented as the server's own — what
@@ -572,14 +761,17 @@ impl Client {
         }
     }
 
-    /// GET `url`, following redirects by hand. `auth` is sent only to `url`'s
-    /// own origin.
+    /// Sends `method` to `url`, following redirects by hand. `auth` is sent only to
+    /// `url`'s own origin. A request with a body follows only 307/308 (which keep
+    /// the method), opening the body again.
     fn follow(
         &self,
+        method: &Method,
         url: &str,
         headers: &[(&str, String)],
+        body: Body<'_>,
         auth: Option<&str>,
-    ) -> Result<(Response, bool), SendError> {
+    ) -> Result<(Answer, bool), SendError> {
         let fatal = |e: anyhow::Error| SendError::Failure(Failure::Fatal(e));
         let first: Uri = url
             .parse()
@@ -598,7 +790,9 @@ impl Client {
             let agent = self
                 .agents
                 .for_target(origin.https, &origin.host, origin.port);
-            let mut req = agent.get(&current);
+            let mut req = ureq::http::Request::builder()
+                .method(method.clone())
+                .uri(&current);
             for (k, v) in headers {
                 req = req.header(*k, v.as_str());
             }
@@ -607,10 +801,23 @@ impl Client {
                     req = req.header("Authorization", a);
                 }
             }
-            let resp = req.call().map_err(SendError::Transport)?;
+            let resp = send_one(agent, req, body, method)?;
             let status = resp.status().as_u16();
             if !matches!(status, 301 | 302 | 303 | 307 | 308) {
-                return Ok((resp, !same));
+                return Ok((
+                    Answer {
+                        response: resp,
+                        url: uri,
+                    },
+                    !same,
+                ));
+            }
+            let keeps_method = matches!(status, 307 | 308);
+            let bodiless = matches!(*method, Method::GET | Method::HEAD);
+            if !bodiless && !keeps_method {
+                return Err(fatal(anyhow!(
+                    "{method} answered with HTTP {status}, a redirect that would drop the request body"
+                )));
             }
             let Some(next) = header(&resp, "location").and_then(|l| resolve_location(&uri, l))
             else {
@@ -638,21 +845,11 @@ impl Client {
 
     /// Turns an unexpected final status into a failure with the registry's message.
     pub fn status_failure(&self, resp: Response, what: &str) -> Failure {
-        let status = resp.status().as_u16();
-        let retry_after =
-            header(&resp, "retry-after").and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let content_type = header(&resp, "content-type").map(str::to_string);
-        let body = read_limited(resp, MAX_ERROR_BODY)
-            .map(|(b, _)| b)
-            .unwrap_or_default();
-        let detail = if looks_like_html(content_type.as_deref(), &body) {
-            " (an HTML page: a proxy or login page?)".to_string()
-        } else {
-            registry_message(&body)
-                .map(|m| format!(" ({m})"))
-                .unwrap_or_default()
-        };
-        let message = format!("{what}: HTTP {status}{detail}");
+        let StatusReport {
+            status,
+            message,
+            retry_after,
+        } = status_report(resp, what);
         match status {
             429 | 500..=599 => Failure::Transient {
                 message,
@@ -770,8 +967,39 @@ impl Client {
     }
 }
 
+/// An unexpected final status, described: `WHAT: HTTP 404 (the registry's message)`.
+pub struct StatusReport {
+    pub status: u16,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+/// Reads (a bounded part of) the body of an unexpected answer to describe it; an
+/// HTML page is named as such rather than quoted.
+pub fn status_report(resp: Response, what: &str) -> StatusReport {
+    let status = resp.status().as_u16();
+    let retry_after =
+        header(&resp, "retry-after").and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let content_type = header(&resp, "content-type").map(str::to_string);
+    let body = read_limited(resp, MAX_ERROR_BODY)
+        .map(|(b, _)| b)
+        .unwrap_or_default();
+    let detail = if looks_like_html(content_type.as_deref(), &body) {
+        " (an HTML page: a proxy or login page?)".to_string()
+    } else {
+        registry_message(&body)
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
+    };
+    StatusReport {
+        status,
+        message: format!("{what}: HTTP {status}{detail}"),
+        retry_after,
+    }
+}
+
 /// Reads at most `max` bytes; `true` when there was more.
-fn read_limited(resp: Response, max: u64) -> std::io::Result<(Vec<u8>, bool)> {
+pub fn read_limited(resp: Response, max: u64) -> std::io::Result<(Vec<u8>, bool)> {
     let mut out = Vec::new();
     resp.into_body()
         .into_reader()
@@ -788,8 +1016,36 @@ enum SendError {
     Failure(Failure),
 }
 
+/// One request on the wire. An empty body of a method that carries one is sent as
+/// `Content-Length: 0` (some front ends answer 411 otherwise).
+fn send_one(
+    agent: &ureq::Agent,
+    req: ureq::http::request::Builder,
+    body: Body<'_>,
+    method: &Method,
+) -> Result<Response, SendError> {
+    let invalid = |e: ureq::http::Error| {
+        SendError::Failure(Failure::Fatal(anyhow!("cannot build the request: {e}")))
+    };
+    let carries_body = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+    let result = match body {
+        Body::Empty if carries_body => agent.run(req.body(&[][..]).map_err(invalid)?),
+        Body::Empty => agent.run(req.body(()).map_err(invalid)?),
+        Body::Bytes(b) => agent.run(req.body(b).map_err(invalid)?),
+        Body::Stream { len, open } => {
+            let mut reader = open().map_err(|e| SendError::Failure(Failure::Fatal(e)))?;
+            let req = req
+                .header("Content-Length", len.to_string())
+                .body(ureq::SendBody::from_reader(&mut *reader))
+                .map_err(invalid)?;
+            agent.run(req)
+        }
+    };
+    result.map_err(SendError::Transport)
+}
+
 /// Query-string encoding: unreserved characters kept, everything else `%XX`.
-fn percent_encode(s: &str) -> String {
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

@@ -1,5 +1,6 @@
 //! Pulling images from OCI/Docker registries (the distribution API): the
-//! `docker://` transport and bare references like `ghcr.io/owner/name:tag`.
+//! `docker://` transport and bare references like `ghcr.io/owner/name:tag`; and
+//! pushing images to them.
 //!
 //! - [`reference`]: parsing and normalising references.
 //! - [`auth`]: credentials, `WWW-Authenticate` challenges, bearer tokens.
@@ -9,6 +10,7 @@
 //! - [`cache`]: the shared content-addressed blob cache.
 //! - [`download`]: streaming a blob into the cache with `Range` resume.
 //! - [`progress`]: progress bars or periodic lines.
+//! - [`push`]: uploading blobs (mount, monolithic, chunked) and a manifest.
 //!
 //! `source::registry` ties these together into a resolved image whose layers
 //! are read from the cache by the usual flattener.
@@ -18,6 +20,7 @@ pub mod cache;
 pub mod client;
 pub mod download;
 pub mod progress;
+pub mod push;
 pub mod reference;
 pub mod retry;
 pub mod transport;
@@ -29,6 +32,7 @@ use std::time::Duration;
 
 pub use auth::Credentials;
 pub use progress::ProgressMode;
+pub use push::{push, BlobUpload, PushRequest, PushStats, UploadOptions};
 pub use reference::Reference;
 pub use retry::RetryPolicy;
 
@@ -57,6 +61,8 @@ pub struct RegistryOptions {
     pub progress: ProgressMode,
     /// Set to stop downloads (Ctrl-C); partial files are removed.
     pub cancel: Arc<AtomicBool>,
+    /// When pushing: monolithic or chunked uploads, and the chunk size.
+    pub upload: UploadOptions,
 }
 
 impl Default for RegistryOptions {
@@ -73,6 +79,7 @@ impl Default for RegistryOptions {
             read_timeout: Duration::from_secs(60),
             progress: ProgressMode::Quiet,
             cancel: Arc::new(AtomicBool::new(false)),
+            upload: UploadOptions::default(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Download progress on stderr: one byte bar per layer in flight on a terminal,
+//! Download (and upload) progress on stderr: one byte bar per layer in flight on a terminal,
 //! plain status lines about every five seconds otherwise (CI logs), nothing with
 //! `--quiet`. Retry notes go through here too so they do not tear the bars.
 
@@ -35,6 +35,8 @@ pub struct Progress {
     multi: Option<MultiProgress>,
     active: Mutex<Vec<Arc<Active>>>,
     last_lines: Mutex<Instant>,
+    /// "downloaded" or "uploaded", for the line closing each blob.
+    verb: &'static str,
 }
 
 impl Progress {
@@ -46,6 +48,15 @@ impl Progress {
             multi,
             active: Mutex::new(Vec::new()),
             last_lines: Mutex::new(Instant::now()),
+            verb: "downloaded",
+        }
+    }
+
+    /// The same display for blobs being pushed.
+    pub fn for_uploads(mode: ProgressMode) -> Progress {
+        Progress {
+            verb: "uploaded",
+            ..Progress::new(mode)
         }
     }
 
@@ -60,7 +71,7 @@ impl Progress {
         }
     }
 
-    /// A blob starts downloading.
+    /// A blob starts downloading (or uploading).
     pub fn start(&self, label: String, total: u64) -> LayerProgress<'_> {
         let bar = self.multi.as_ref().map(|m| {
             let bar = m.add(ProgressBar::new(total));
@@ -126,9 +137,10 @@ impl Progress {
             self.lock_active().retain(|a| !Arc::ptr_eq(a, active));
             if ok {
                 eprintln!(
-                    "{} {} downloaded in {secs:.1} s",
+                    "{} {} {} in {secs:.1} s",
                     active.label,
-                    HumanBytes(active.total)
+                    HumanBytes(active.total),
+                    self.verb
                 );
             }
         }

@@ -23,12 +23,10 @@ use super::manifest::{self, JsonBlobs};
 use super::{BlobStore, Platform, ResolvedImage};
 use crate::digest::Digest;
 use crate::layer::LayerDesc;
-use crate::registry::auth;
 use crate::registry::cache::{self, BlobCache};
-use crate::registry::client::{Client, ClientOptions, MAX_MANIFEST_BYTES};
+use crate::registry::client::{Client, MAX_MANIFEST_BYTES};
 use crate::registry::download;
 use crate::registry::progress::Progress;
-use crate::registry::transport::{Agents, ProxyEnv, TransportOptions};
 use crate::registry::{Reference, RegistryOptions, RegistryStats};
 
 /// Manifest media types a `Content-Type` may name (others are sniffed from the JSON).
@@ -185,42 +183,14 @@ pub fn open(
             anyhow!("no cache directory: pass --cache-dir, or set XDG_CACHE_HOME or HOME")
         })?;
     let cache = BlobCache::open(&cache_dir)?;
-    let found = auth::find_credentials(
-        opts.credentials.as_ref(),
-        opts.credentials_file.as_deref(),
-        &reference.registry,
-        &reference.repository,
-        &env,
-    )?;
-    warnings.extend(found.warnings);
-    let (credentials, credential_source) = match found.credentials {
-        Some((c, s)) => (Some(c), Some(s.to_string())),
-        None => (None, None),
-    };
     let progress = Arc::new(Progress::new(opts.progress));
-    let agents = Agents::new(&TransportOptions {
-        insecure: opts.insecure,
-        ca_certs: opts.ca_certs.clone(),
-        connect_timeout: opts.connect_timeout,
-        read_timeout: opts.read_timeout,
-        proxy: ProxyEnv::from_lookup(env),
-        ssl_cert_file: env("SSL_CERT_FILE")
-            .filter(|v| !v.trim().is_empty())
-            .map(Into::into),
-    })?;
     let notify_progress = progress.clone();
-    let client = Client::new(
+    let (client, credential_warnings) = Client::connect(
         reference,
-        ClientOptions {
-            agents,
-            insecure: opts.insecure,
-            credentials,
-            credential_source,
-            retry: opts.retry,
-            cancel: opts.cancel.clone(),
-            notify: Arc::new(move |m: &str| notify_progress.note(m)),
-        },
-    );
+        opts,
+        Arc::new(move |m: &str| notify_progress.note(m)),
+    )?;
+    warnings.extend(credential_warnings);
     let counters = Counters::default();
 
     // The top-level manifest: by digest from the cache when possible; by tag always
