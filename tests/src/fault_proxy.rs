@@ -20,6 +20,15 @@
 //! * [`Fault::IgnoreRange`]: the `Range` header is dropped before forwarding, so a ranged
 //!   request gets `200` and the whole body.
 //!
+//! Uploads (`POST`, `PATCH`, `PUT` under `/v2/<name>/blobs/uploads/`) may be spoiled by an
+//! [`UploadRule`], after letting a number of matching requests through, with an [`UploadFault`]:
+//!
+//! * [`UploadFault::Respond`]: a canned answer (a `405`, an HTML page) the registry never sees;
+//! * [`UploadFault::LoseAnswer`]: the request reaches the registry, whose answer is replaced by
+//!   an error status (the work was done; the client cannot know);
+//! * [`UploadFault::Redirect`]: `307` to the redirect target, which forwards the request as it
+//!   arrives (recording whether `Authorization` came along) and relays the registry's answer.
+//!
 //! A request the registry does not answer `200`/`206` (a `401` before the token flow, say) is
 //! relayed untouched and does not use up a rule. Connections that do not start with an HTTP
 //! request (the converter tries TLS first on 127.0.0.1) are closed. Every request either
@@ -57,6 +66,31 @@ pub enum Fault {
     IgnoreRange,
 }
 
+/// What to do to an upload request (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UploadFault {
+    /// Answer this instead of forwarding.
+    Respond {
+        status: u16,
+        content_type: String,
+        body: String,
+    },
+    /// Forward, then answer this status (with a JSON error) instead of the registry's answer.
+    LoseAnswer(u16),
+    /// `307` to the redirect target, which forwards to the registry.
+    Redirect,
+}
+
+/// An [`UploadFault`] for `method` requests under `/blobs/uploads/`: the first `skip` matching
+/// requests pass untouched, the next `times` get the fault.
+#[derive(Clone, Debug)]
+pub struct UploadRule {
+    pub method: String,
+    pub skip: usize,
+    pub times: usize,
+    pub fault: UploadFault,
+}
+
 /// A fault for the blob `digest` (`sha256:…`; `None`: any blob), applied to the first
 /// `times` matching requests (`None`: all of them).
 #[derive(Clone, Debug)]
@@ -92,6 +126,8 @@ pub struct Seen {
     pub status: u16,
     /// The fault applied.
     pub fault: Option<Fault>,
+    /// The upload fault applied.
+    pub upload_fault: Option<UploadFault>,
     /// Body bytes sent back.
     pub body_bytes: usize,
 }
@@ -111,6 +147,7 @@ struct Shared {
     upstream: u16,
     redirect_port: u16,
     rules: Mutex<Vec<Rule>>,
+    upload_rules: Mutex<Vec<UploadRule>>,
     seen: Mutex<Vec<Seen>>,
     redirect_seen: Mutex<Vec<Seen>>,
     redirect_blobs: Mutex<HashMap<String, Vec<u8>>>,
@@ -143,6 +180,7 @@ impl FaultProxy {
             upstream,
             redirect_port,
             rules: Mutex::new(Vec::new()),
+            upload_rules: Mutex::new(Vec::new()),
             seen: Mutex::new(Vec::new()),
             redirect_seen: Mutex::new(Vec::new()),
             redirect_blobs: Mutex::new(HashMap::new()),
@@ -193,9 +231,16 @@ impl FaultProxy {
         lock(&self.shared.rules).push(rule);
     }
 
-    /// Removes every rule.
+    /// Adds an upload rule (tried in the order added; the first matching one counts the
+    /// request).
+    pub fn add_upload_rule(&self, rule: UploadRule) {
+        lock(&self.shared.upload_rules).push(rule);
+    }
+
+    /// Removes every rule (blob and upload rules).
     pub fn clear_rules(&self) {
         lock(&self.shared.rules).clear();
+        lock(&self.shared.upload_rules).clear();
     }
 
     /// Forgets the requests seen so far (both listeners).
@@ -444,6 +489,7 @@ fn reason(status: u16) -> &'static str {
         206 => "Partial Content",
         307 => "Temporary Redirect",
         404 => "Not Found",
+        405 => "Method Not Allowed",
         416 => "Range Not Satisfiable",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
@@ -506,6 +552,25 @@ fn error_response(status: u16, extra: &str, message: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The upload fault for `req`, if a rule with uses left matches it (using one up, or one of
+/// its skips).
+fn take_upload_fault(shared: &Shared, req: &Request) -> Option<UploadFault> {
+    let path = req.target.split('?').next().unwrap_or(&req.target);
+    if !path.contains("/blobs/uploads/") {
+        return None;
+    }
+    let mut rules = lock(&shared.upload_rules);
+    let rule = rules
+        .iter_mut()
+        .find(|r| r.method == req.method && (r.skip > 0 || r.times > 0))?;
+    if rule.skip > 0 {
+        rule.skip -= 1;
+        return None;
+    }
+    rule.times -= 1;
+    Some(rule.fault.clone())
+}
+
 /// The first rule for a blob `GET` of `digest` with uses left (its index).
 fn find_rule(rules: &[Rule], digest: &str) -> Option<usize> {
     rules
@@ -529,8 +594,15 @@ fn serve_proxy(mut conn: TcpStream, shared: &Shared) {
         authorization: req.header("authorization").is_some(),
         status: 0,
         fault: None,
+        upload_fault: None,
         body_bytes: 0,
     };
+    if let Some(fault) = take_upload_fault(shared, &req) {
+        seen.status = spoil_upload(&mut conn, &req, &fault, shared);
+        seen.upload_fault = Some(fault);
+        lock(&shared.seen).push(seen);
+        return;
+    }
     let digest = (req.method == "GET")
         .then(|| seen.blob().map(str::to_string))
         .flatten();
@@ -646,6 +718,44 @@ fn serve_proxy(mut conn: TcpStream, shared: &Shared) {
     lock(&shared.seen).push(seen);
 }
 
+/// Answers an upload request according to `fault`; returns the status sent.
+fn spoil_upload(conn: &mut TcpStream, req: &Request, fault: &UploadFault, shared: &Shared) -> u16 {
+    let (status, bytes) = match fault {
+        UploadFault::Respond {
+            status,
+            content_type,
+            body,
+        } => (
+            *status,
+            format!(
+                "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                reason(*status),
+                body.len()
+            )
+            .into_bytes(),
+        ),
+        UploadFault::LoseAnswer(status) => {
+            let note = match forward(req, shared.upstream, false) {
+                Ok(up) => format!("the registry answered {}; lost", up.status),
+                Err(e) => format!("forwarding failed: {e}"),
+            };
+            (*status, error_response(*status, "", &note))
+        }
+        UploadFault::Redirect => (
+            307,
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{}{}\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n",
+                shared.redirect_port, req.target
+            )
+            .into_bytes(),
+        ),
+    };
+    let _ = conn.write_all(&bytes).and_then(|_| conn.flush());
+    status
+}
+
 // ---------------------------------------------------------------------------------------------
 // The redirect target
 // ---------------------------------------------------------------------------------------------
@@ -662,8 +772,26 @@ fn serve_target(mut conn: TcpStream, shared: &Shared) {
         authorization: req.header("authorization").is_some(),
         status: 0,
         fault: None,
+        upload_fault: None,
         body_bytes: 0,
     };
+    // A redirected upload: forwarded to the registry as it arrived.
+    if req.target.starts_with("/v2/") && req.method != "GET" && req.method != "HEAD" {
+        match forward(&req, shared.upstream, false) {
+            Ok(up) => {
+                let _ = conn.write_all(&up.raw).and_then(|_| conn.flush());
+                seen.status = up.status;
+                seen.body_bytes = up.body.len();
+            }
+            Err(e) => {
+                let _ = conn.write_all(&error_response(502, "", &format!("redirect target: {e}")));
+                seen.status = 502;
+            }
+        }
+        let _ = conn.shutdown(Shutdown::Both);
+        lock(&shared.redirect_seen).push(seen);
+        return;
+    }
     let blob = seen
         .blob()
         .and_then(|d| lock(&shared.redirect_blobs).get(d).cloned());

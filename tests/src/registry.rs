@@ -864,9 +864,21 @@ impl RegistryProcess {
     }
 }
 
+/// Optional registry settings.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// `http.relativeurls: true`: `Location` headers are relative (`/v2/…`).
+    pub relative_urls: bool,
+}
+
 impl Registry {
     /// Starts a registry in `mode` and waits until `/v2/` answers 200 or 401.
     pub fn start(mode: Mode) -> Registry {
+        Registry::start_with(mode, Options::default())
+    }
+
+    /// [`Registry::start`] with `options`.
+    pub fn start_with(mode: Mode, options: Options) -> Registry {
         let started = Instant::now();
         let dir = scratch_dir(&format!("registry-{}-", mode.name()));
         let root = dir.path().to_path_buf();
@@ -920,6 +932,11 @@ impl Registry {
         }
         fs::write(root.join("client/auth.json"), "{\"auths\":{}}\n").expect("write auth.json");
 
+        let relative = if options.relative_urls {
+            "  relativeurls: true\n"
+        } else {
+            ""
+        };
         let config = root.join("config.yml");
         let mut last_err = String::new();
         for _attempt in 0..5 {
@@ -930,7 +947,7 @@ impl Registry {
                     "version: 0.1\n\
                      log:\n  level: info\n  accesslog:\n    disabled: false\n\
                      storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\n\
-                     http:\n  addr: 127.0.0.1:{port}\n  secret: hakim-e2e-test-only\n{tls}{auth}",
+                     http:\n  addr: 127.0.0.1:{port}\n  secret: hakim-e2e-test-only\n{relative}{tls}{auth}",
                     yaml_str(&root.join("data").to_string_lossy())
                 ),
             )
@@ -1106,6 +1123,19 @@ impl Registry {
         digest
     }
 
+    /// `skopeo copy docker://HOST/REFERENCE oci-archive:ARCHIVE`, what Proxmox VE's
+    /// `oci-registry-pull` runs, with this registry's TLS options and credentials.
+    pub fn copy_to_archive(&self, reference: &str, archive: &Path) {
+        run_ok(
+            Command::new("skopeo")
+                .args(["copy", "--quiet", "--retry-times", "0"])
+                .args(self.skopeo_args(Some("src"), true))
+                .arg(self.docker_ref(reference))
+                .arg(format!("oci-archive:{}", archive.display()))
+                .envs(self.client_env()),
+        );
+    }
+
     /// `skopeo inspect --raw docker://HOST/REFERENCE` (with credentials in the auth modes):
     /// the manifest or index bytes as served.
     pub fn raw_manifest(&self, reference: &str) -> Vec<u8> {
@@ -1128,6 +1158,63 @@ impl Registry {
                 String::from_utf8_lossy(&raw)
             )
         })
+    }
+
+    /// The registry's storage (filesystem driver): `data/docker/registry/v2`.
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("data/docker/registry/v2")
+    }
+
+    /// Whether the blob store holds `digest` (`sha256:…`), in any repository.
+    pub fn stores_blob(&self, digest: &str) -> bool {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        self.storage()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+            .is_file()
+    }
+
+    /// Whether the repository `name` exists in storage (anything was ever pushed to it).
+    pub fn has_repository(&self, name: &str) -> bool {
+        self.storage().join("repositories").join(name).exists()
+    }
+
+    /// Whether `name` links the blob `digest` (it was pushed or mounted there).
+    pub fn repository_links_blob(&self, name: &str, digest: &str) -> bool {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        self.storage()
+            .join("repositories")
+            .join(name)
+            .join("_layers/sha256")
+            .join(hex)
+            .join("link")
+            .is_file()
+    }
+
+    /// Upload sessions of `name` still open in storage: those holding their `data` or
+    /// `startedat` file. (A cancelled session can leave an empty `hashstates/sha256/0` behind:
+    /// Distribution 2.8 stores the hash state again while closing the writer it just cancelled.)
+    pub fn open_uploads(&self, name: &str) -> Vec<String> {
+        let dir = self
+            .storage()
+            .join("repositories")
+            .join(name)
+            .join("_uploads");
+        let mut out: Vec<String> = fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| {
+                        e.path().join("data").exists() || e.path().join("startedat").exists()
+                    })
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
     }
 
     /// Stops the registry (its storage stays until drop). Idempotent.

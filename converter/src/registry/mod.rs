@@ -11,6 +11,7 @@
 //! - [`download`]: streaming a blob into the cache with `Range` resume.
 //! - [`progress`]: progress bars or periodic lines.
 //! - [`push`]: uploading blobs (mount, monolithic, chunked) and a manifest.
+//! - [`push_layout`]: what to push, from an OCI layout directory or archive.
 //!
 //! `source::registry` ties these together into a resolved image whose layers
 //! are read from the cache by the usual flattener.
@@ -21,6 +22,7 @@ pub mod client;
 pub mod download;
 pub mod progress;
 pub mod push;
+pub mod push_layout;
 pub mod reference;
 pub mod retry;
 pub mod transport;

@@ -21,17 +21,26 @@ impl LayoutFiles for TarIndex {
     }
 }
 
-pub fn open(file: &str, tag: Option<&str>, platform: Option<&Platform>) -> Result<ResolvedImage> {
-    let path = Path::new(file);
+/// The layout packed in the archive `path` (`index.json`, `blobs/…`), read in place.
+pub fn layout_files(path: &Path) -> Result<Arc<dyn LayoutFiles>> {
     let index = TarIndex::scan(path)?;
     if !index.contains("index.json") {
-        bail!("{file} is not an OCI archive (no index.json member)");
+        bail!(
+            "{} is not an OCI archive (no index.json member)",
+            path.display()
+        );
     }
+    Ok(Arc::new(index))
+}
+
+pub fn open(file: &str, tag: Option<&str>, platform: Option<&Platform>) -> Result<ResolvedImage> {
+    let path = Path::new(file);
+    let files = layout_files(path)?;
     // PVE names pulled archives `<name>_<tag>.tar`: the name is before the last '_'.
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
     let stem = stem.map(|s| match s.rsplit_once('_') {
         Some((name, _)) if !name.is_empty() => name.to_string(),
         _ => s,
     });
-    oci_layout::open_with(Arc::new(index), file, stem, tag, platform)
+    oci_layout::open_with(files, file, stem, tag, platform)
 }

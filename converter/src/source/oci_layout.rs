@@ -43,7 +43,8 @@ impl LayoutFiles for DirFiles {
     }
 }
 
-fn blob_name(digest: &Digest) -> String {
+/// Where a layout keeps the blob `digest`.
+pub fn blob_name(digest: &Digest) -> String {
     format!("blobs/sha256/{}", digest.hex())
 }
 
