@@ -27,7 +27,9 @@
 //! * [`UploadFault::LoseAnswer`]: the request reaches the registry, whose answer is replaced by
 //!   an error status (the work was done; the client cannot know);
 //! * [`UploadFault::Redirect`]: `307` to the redirect target, which forwards the request as it
-//!   arrives (recording whether `Authorization` came along) and relays the registry's answer.
+//!   arrives (recording whether `Authorization` came along) and relays the registry's answer;
+//! * [`UploadFault::AddHeader`]: the registry's answer with one more header (what a newer
+//!   registry would send, e.g. `OCI-Chunk-Min-Length`).
 //!
 //! A request the registry does not answer `200`/`206` (a `401` before the token flow, say) is
 //! relayed untouched and does not use up a rule. Connections that do not start with an HTTP
@@ -79,6 +81,8 @@ pub enum UploadFault {
     LoseAnswer(u16),
     /// `307` to the redirect target, which forwards to the registry.
     Redirect,
+    /// Forward, and add this header to the registry's answer.
+    AddHeader { name: String, value: String },
 }
 
 /// An [`UploadFault`] for `method` requests under `/blobs/uploads/`: the first `skip` matching
@@ -742,6 +746,20 @@ fn spoil_upload(conn: &mut TcpStream, req: &Request, fault: &UploadFault, shared
             };
             (*status, error_response(*status, "", &note))
         }
+        UploadFault::AddHeader { name, value } => match forward(req, shared.upstream, false) {
+            Ok(up) => {
+                // After the status line.
+                let head = head_with_length(&up, up.body.len()).replacen(
+                    "\r\n",
+                    &format!("\r\n{name}: {value}\r\n"),
+                    1,
+                );
+                let mut bytes = head.into_bytes();
+                bytes.extend_from_slice(&up.body);
+                (up.status, bytes)
+            }
+            Err(e) => (502, error_response(502, "", &format!("fault proxy: {e}"))),
+        },
         UploadFault::Redirect => (
             307,
             format!(

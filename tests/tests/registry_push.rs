@@ -508,6 +508,29 @@ fn chunked_upload_matches_monolithic() {
 
     check_pulled(&reg, "e2e/mono:v1", &image, work.path());
     check_pulled(&reg, "e2e/chunked:v1", &image, work.path());
+
+    // A registry asking for chunks of at least 64 KiB (docker-registry 2.8 does not; the proxy
+    // adds the header to its answers) gets them.
+    let proxy = FaultProxy::start(reg.port);
+    let min = 64 * 1024u64;
+    proxy.add_upload_rule(UploadRule {
+        method: "POST".into(),
+        skip: 0,
+        times: usize::MAX,
+        fault: UploadFault::AddHeader {
+            name: "OCI-Chunk-Min-Length".into(),
+            value: min.to_string(),
+        },
+    });
+    let stats = push_ok(&request(&image, &proxy.host(), "e2e/min-chunk:v1"), &opts);
+    assert_eq!(stats.manifest_digest, image.digest);
+    let patches = proxy
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "PATCH" && s.status == 202)
+        .count() as u64;
+    assert_eq!(patches, (image.big_blob().1.len() as u64).div_ceil(min));
+    check_pulled(&reg, "e2e/min-chunk:v1", &image, work.path());
 }
 
 /// HTTPS with basic auth: the CA from `ca_certs`, the credentials on every upload request.
