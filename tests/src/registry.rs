@@ -11,7 +11,7 @@
 //!   server written here (the GHCR flow: `401` + `WWW-Authenticate: Bearer realm,service,scope`,
 //!   then `GET /token?service=…&scope=repository:NAME:pull`). Anonymous requests are granted
 //!   `pull`; requests with the right Basic credentials `pull` and `push`; wrong credentials get
-//!   `401`. Tokens are RS256 JWTs signed with `openssl dgst -sha256 -sign`, with the signing
+//!   `401`; repositories named with [`TokenServer::deny`] get nothing. Tokens are RS256 JWTs signed with `openssl dgst -sha256 -sign`, with the signing
 //!   certificate in the `x5c` header. Every request it receives is recorded.
 //!
 //! The registry's access log (combined log format, its stdout) is kept so tests can check what
@@ -407,6 +407,8 @@ pub struct TokenRequest {
 pub struct TokenServer {
     pub port: u16,
     requests: Arc<Mutex<Vec<TokenRequest>>>,
+    /// Repositories nobody is granted anything on.
+    denied: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -489,9 +491,11 @@ impl TokenServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind token server");
         let port = listener.local_addr().expect("local addr").port();
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let denied = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let requests = Arc::clone(&requests);
+            let denied = Arc::clone(&denied);
             let stop = Arc::clone(&stop);
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
@@ -499,7 +503,8 @@ impl TokenServer {
                         break;
                     }
                     if let Ok(conn) = conn {
-                        if let Some(req) = serve_token(conn, &signer) {
+                        let denied = denied.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        if let Some(req) = serve_token(conn, &signer, &denied) {
                             requests.lock().unwrap_or_else(|e| e.into_inner()).push(req);
                         }
                     }
@@ -509,6 +514,7 @@ impl TokenServer {
         TokenServer {
             port,
             requests,
+            denied,
             stop,
             thread: Some(thread),
         }
@@ -525,6 +531,14 @@ impl TokenServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// From now on, grant nothing on `repository` (to anyone).
+    pub fn deny(&self, repository: &str) {
+        self.denied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(repository.to_string());
     }
 
     /// Forget the requests received so far.
@@ -549,7 +563,7 @@ impl Drop for TokenServer {
 
 /// Reads one request, answers it, returns what it saw (`None` for a connection without a
 /// request, e.g. the shutdown wake-up).
-fn serve_token(mut conn: TcpStream, signer: &Signer) -> Option<TokenRequest> {
+fn serve_token(mut conn: TcpStream, signer: &Signer, denied: &[String]) -> Option<TokenRequest> {
     conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
@@ -639,7 +653,7 @@ fn serve_token(mut conn: TcpStream, signer: &Signer) -> Option<TokenRequest> {
             };
             let granted: Vec<String> = actions
                 .split(',')
-                .filter(|a| allowed.contains(a))
+                .filter(|a| allowed.contains(a) && !denied.iter().any(|d| d == name))
                 .map(str::to_string)
                 .collect();
             req.granted.push((name.to_string(), granted));

@@ -425,6 +425,34 @@ fn token_auth_push_pull_repush_and_mount() {
     }));
     check_pulled(&reg, "e2e/mounted:v1", &image, work.path());
 
+    // A source repository without the blobs: the registry opens uploads instead (202).
+    let mark = reg.access_log_mark();
+    let mut elsewhere = request(&image, &reg.host(), "e2e/not-mounted:v1");
+    elsewhere.mount_from = Some("e2e/empty".into());
+    let stats = push_ok(&elsewhere, &opts);
+    assert_eq!(counts(&stats), (image.blob_bytes(), 3, 0, 0));
+    let since = reg.access_log_since(mark);
+    let posts = requests(&since, "POST", "/v2/e2e/not-mounted/blobs/uploads/");
+    assert_eq!(posts.len(), 3, "one POST per blob: {posts:?}");
+    assert!(posts
+        .iter()
+        .all(|e| e.uri.contains("mount=") && e.status == 202));
+
+    // A source repository we may not read: the mount is refused (401) once, then uploads.
+    tokens.deny("e2e/secret");
+    let mark = reg.access_log_mark();
+    let mut refused = request(&image, &reg.host(), "e2e/no-mount:v1");
+    refused.mount_from = Some("e2e/secret".into());
+    let stats = push_ok(&refused, &opts);
+    assert_eq!(counts(&stats), (image.blob_bytes(), 3, 0, 0));
+    let since = reg.access_log_since(mark);
+    let mount_posts = requests(&since, "POST", "?mount=");
+    assert!(
+        !mount_posts.is_empty() && mount_posts.iter().all(|e| e.status == 401),
+        "{mount_posts:?}"
+    );
+    check_pulled(&reg, "e2e/no-mount:v1", &image, work.path());
+
     // The converter reads the pushed image like the local layout.
     if converter_ready() {
         let cache = work.path().join("cache");

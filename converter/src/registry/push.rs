@@ -9,7 +9,8 @@
 //! 1. `HEAD /v2/<name>/blobs/<digest>`: `200` = already there, nothing sent.
 //! 2. With `mount_from`: `POST /v2/<name>/blobs/uploads/?mount=<digest>&from=<repo>`;
 //!    `201` = mounted from that repository of the same registry, nothing sent; `202` =
-//!    the registry opened an upload instead, whose `Location` is used. Without:
+//!    the registry opened an upload instead, whose `Location` is used; `401`/`403` = no
+//!    read access to that repository: uploads from then on. Without:
 //!    `POST /v2/<name>/blobs/uploads/`, `202` + `Location`.
 //! 3. Up to [`UploadOptions::chunk_threshold`] bytes: `PUT <Location>&digest=<digest>`
 //!    with the bytes. Larger: `PATCH <Location>` per chunk (`Content-Range:
@@ -29,6 +30,7 @@
 //! another host gets no `Authorization`. A token asks for `repository:<name>:pull,push`
 //! and, when mounting, `repository:<from>:pull`.
 
+use std::cell::Cell;
 use std::io::{Cursor, Read};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -176,6 +178,7 @@ pub fn push(req: &PushRequest, opts: &RegistryOptions) -> Result<PushStats> {
         client: &client,
         place: &place,
         mount_from: plan.mount_from.as_deref(),
+        mount_refused: Cell::new(false),
         upload: opts.upload,
     };
     let mut stats = PushStats::default();
@@ -408,6 +411,8 @@ struct Pusher<'a> {
     /// `registry/repository`, for messages.
     place: &'a str,
     mount_from: Option<&'a str>,
+    /// The registry refused a mount (no read access to `mount_from`): no more tries.
+    mount_refused: Cell<bool>,
     upload: UploadOptions,
 }
 
@@ -452,7 +457,8 @@ impl Pusher<'_> {
 
     /// Opens an upload session, or mounts the blob.
     fn start(&self, blob: &BlobUpload) -> Result<Started, Failure> {
-        let path = match self.mount_from {
+        let mount_from = self.mount_from.filter(|_| !self.mount_refused.get());
+        let path = match mount_from {
             Some(from) => format!(
                 "blobs/uploads/?mount={}&from={}",
                 percent_encode(&blob.digest.to_string()),
@@ -464,7 +470,19 @@ impl Pusher<'_> {
             .client
             .request(Method::POST, Target::Repo(&path), &[], Body::Empty)?;
         match answer.response.status().as_u16() {
-            201 if self.mount_from.is_some() => {
+            // No read access to the source repository: upload instead, for every blob.
+            401 | 403 if mount_from.is_some() => {
+                let status = answer.response.status().as_u16();
+                drain(answer.response);
+                self.mount_refused.set(true);
+                self.client.notify(&format!(
+                    "{}: mounting from {} refused (HTTP {status}); uploading instead",
+                    self.place,
+                    mount_from.unwrap_or_default()
+                ));
+                self.start(blob)
+            }
+            201 if mount_from.is_some() => {
                 self.check_digest(&answer.response, &blob.digest, "mounted blob")?;
                 drain(answer.response);
                 Ok(Started::Mounted)
