@@ -32,10 +32,10 @@ use hakim_convert::sample::{write_oci_layout, BlobCompression, LayerBuilder, Sam
 use hakim_convert::tarout::OutKind;
 use hakim_e2e::fault_proxy::{FaultProxy, UploadFault, UploadRule};
 use hakim_e2e::registry::{
-    converter_ready, registry_ready, sha256_hex, AccessLogEntry, Mode, Options, Registry, PASSWORD,
-    USER,
+    converter_ready, demo_image, registry_ready, sha256_hex, AccessLogEntry, Mode, Options,
+    Registry, PASSWORD, USER,
 };
-use hakim_e2e::{convert, run_ok, scratch_dir, Compression};
+use hakim_e2e::{convert, converter_bin, run_ok, scratch_dir, Compression};
 
 const SOURCE_DATE_EPOCH: &str = "1750000000";
 /// Chunked uploads in the tests: anything over 1 KiB, 16 KiB per `PATCH`.
@@ -114,17 +114,42 @@ fn craft(dir: &Path) -> Crafted {
         ],
         serde_json::json!({"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"]}),
     )
-    .expect("write the crafted layout")
-    .to_string();
-    let mut blobs = read_blobs(&layout);
+    .expect("write the crafted layout");
+    let image = load_layout(&layout);
+    assert_eq!(image.digest, digest.to_string());
+    assert_eq!(image.blobs.len(), 3, "config and two layers");
+    image
+}
+
+/// The one image of an OCI layout directory.
+fn load_layout(layout: &Path) -> Crafted {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).expect("index.json"))
+            .expect("index.json is JSON");
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("a manifest digest")
+        .to_string();
+    let mut blobs = read_blobs(layout);
     let manifest = blobs.remove(&digest).expect("manifest blob");
-    assert_eq!(blobs.len(), 3, "config and two layers");
     Crafted {
-        layout,
+        layout: layout.to_path_buf(),
         digest,
         manifest,
         blobs,
     }
+}
+
+/// Extracts a tar (GNU tar) into `dir`.
+fn untar(archive: &Path, dir: &Path) {
+    fs::create_dir_all(dir).expect("create extraction dir");
+    run_ok(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(archive)
+            .arg("-C")
+            .arg(dir),
+    );
 }
 
 /// Every blob of a layout, checked against its name.
@@ -212,6 +237,22 @@ fn push_ok(req: &PushRequest, opts: &RegistryOptions) -> PushStats {
     stats
 }
 
+/// Pushes `image` to `reference` with `mount_from = from`; the stats and the access-log
+/// entries of the push.
+fn push_mounting(
+    reg: &Registry,
+    image: &Crafted,
+    reference: &str,
+    from: &str,
+    opts: &RegistryOptions,
+) -> (PushStats, Vec<AccessLogEntry>) {
+    let mark = reg.access_log_mark();
+    let mut req = request(image, &reg.host(), reference);
+    req.mount_from = Some(from.into());
+    let stats = push_ok(&req, opts);
+    (stats, reg.access_log_since(mark))
+}
+
 fn push_err(req: &PushRequest, opts: &RegistryOptions) -> String {
     match push(req, opts) {
         Ok(stats) => panic!("push succeeded but should have failed: {stats:?}"),
@@ -249,14 +290,7 @@ fn check_pulled(reg: &Registry, reference: &str, image: &Crafted, work: &Path) {
         );
     }
     let dir = work.join(format!("{name}.extracted"));
-    fs::create_dir_all(&dir).expect("create extraction dir");
-    run_ok(
-        Command::new("tar")
-            .arg("-xf")
-            .arg(&archive)
-            .arg("-C")
-            .arg(&dir),
-    );
+    untar(&archive, &dir);
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("index.json")).expect("index.json"))
             .expect("index.json is JSON");
@@ -396,12 +430,8 @@ fn token_auth_push_pull_repush_and_mount() {
 
     // Another repository of the same registry, mounting from the first.
     tokens.clear();
-    let mark = reg.access_log_mark();
-    let mut mounted = request(&image, &reg.host(), "e2e/mounted:v1");
-    mounted.mount_from = Some("e2e/pushed".into());
-    let stats = push_ok(&mounted, &opts);
+    let (stats, since) = push_mounting(&reg, &image, "e2e/mounted:v1", "e2e/pushed", &opts);
     assert_eq!(counts(&stats), (0, 0, 0, 3));
-    let since = reg.access_log_since(mark);
     let mounts = requests(&since, "POST", "/v2/e2e/mounted/blobs/uploads/?mount=");
     assert_eq!(mounts.len(), 3, "{since:?}");
     assert!(mounts
@@ -426,12 +456,8 @@ fn token_auth_push_pull_repush_and_mount() {
     check_pulled(&reg, "e2e/mounted:v1", &image, work.path());
 
     // A source repository without the blobs: the registry opens uploads instead (202).
-    let mark = reg.access_log_mark();
-    let mut elsewhere = request(&image, &reg.host(), "e2e/not-mounted:v1");
-    elsewhere.mount_from = Some("e2e/empty".into());
-    let stats = push_ok(&elsewhere, &opts);
+    let (stats, since) = push_mounting(&reg, &image, "e2e/not-mounted:v1", "e2e/empty", &opts);
     assert_eq!(counts(&stats), (image.blob_bytes(), 3, 0, 0));
-    let since = reg.access_log_since(mark);
     let posts = requests(&since, "POST", "/v2/e2e/not-mounted/blobs/uploads/");
     assert_eq!(posts.len(), 3, "one POST per blob: {posts:?}");
     assert!(posts
@@ -440,12 +466,8 @@ fn token_auth_push_pull_repush_and_mount() {
 
     // A source repository we may not read: the mount is refused (401) once, then uploads.
     tokens.deny("e2e/secret");
-    let mark = reg.access_log_mark();
-    let mut refused = request(&image, &reg.host(), "e2e/no-mount:v1");
-    refused.mount_from = Some("e2e/secret".into());
-    let stats = push_ok(&refused, &opts);
+    let (stats, since) = push_mounting(&reg, &image, "e2e/no-mount:v1", "e2e/secret", &opts);
     assert_eq!(counts(&stats), (image.blob_bytes(), 3, 0, 0));
-    let since = reg.access_log_since(mark);
     let mount_posts = requests(&since, "POST", "?mount=");
     assert!(
         !mount_posts.is_empty() && mount_posts.iter().all(|e| e.status == 401),
@@ -860,4 +882,82 @@ fn upload_redirect_never_carries_authorization() {
         .filter(|s| s.method == "PUT" && s.upload_fault.is_none())
         .all(|s| s.authorization));
     check_pulled(&reg, "e2e/redirected:v1", &image, work.path());
+}
+
+/// The converter's own OCI archive (`--format oci-archive`, the demo image flattened), pushed
+/// with token auth and pulled back by skopeo as Proxmox does: the pulled archive passes
+/// `hakim-convert verify`, holds the same manifest and blobs, and converts to the same rootfs.
+#[test]
+fn converter_oci_archive_round_trip() {
+    if !(registry_ready() && converter_ready()) {
+        return;
+    }
+    let work = scratch_dir("push-archive-");
+    let demo = demo_image(work.path());
+    let epoch = [("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH)];
+    let ours = run_converter_json(&[
+        "convert",
+        &demo.oci_ref(),
+        "-o",
+        &work.path().join("out").display().to_string(),
+        "--format",
+        "oci-archive",
+        "--name",
+        "hakim-demo_e2e",
+        "--tag",
+        "e2e",
+    ]);
+    let archive = PathBuf::from(ours["artifact"].as_str().expect("artifact"));
+    let image = {
+        let dir = work.path().join("ours");
+        untar(&archive, &dir);
+        load_layout(&dir)
+    };
+
+    let reg = Registry::start(Mode::Token);
+    let req = from_oci_archive(&archive, target(&reg.host(), "e2e/hakim-demo:e2e"))
+        .expect("push request from our archive");
+    let stats = push_ok(&req, &options(&reg, true, UploadOptions::default()));
+    assert_eq!(stats.manifest_digest, image.digest);
+    assert_eq!(counts(&stats), (image.blob_bytes(), 2, 0, 0));
+    check_pulled(&reg, "e2e/hakim-demo:e2e", &image, work.path());
+
+    let pulled = work.path().join("pulled.tar");
+    reg.copy_to_archive("e2e/hakim-demo:e2e", &pulled);
+    let verified = run_converter_json(&["verify", &pulled.display().to_string()]);
+    let checks = verified["checks"].as_array().expect("verify checks");
+    assert_eq!(verified["kind"], "oci-archive");
+    assert!(
+        checks.len() > 10 && checks.iter().all(|c| c["status"] != "fail"),
+        "verify: {verified}"
+    );
+    let to_rootfs = |a: &Path| {
+        convert(
+            &format!("oci-archive:{}", a.display()),
+            Compression::Zstd,
+            &[],
+            &epoch,
+        )
+        .sha256
+    };
+    assert_eq!(
+        to_rootfs(&pulled),
+        to_rootfs(&archive),
+        "pulled archive flattens differently"
+    );
+}
+
+/// `hakim-convert ARGS… --json`, which must succeed; its JSON output.
+fn run_converter_json(args: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new(converter_bin());
+    cmd.args(args)
+        .arg("--json")
+        .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH);
+    let out = run_ok(&mut cmd);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }

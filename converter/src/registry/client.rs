@@ -135,6 +135,14 @@ pub enum Target<'a> {
     Url(&'a str),
 }
 
+/// A request as the caller describes it, sent as is to every URL a redirect leads to.
+#[derive(Clone, Copy)]
+struct Call<'a, 'b> {
+    method: &'a Method,
+    headers: &'a [(&'a str, String)],
+    body: Body<'b>,
+}
+
 /// A final response and the URL that gave it (a relative `Location` is resolved
 /// against it).
 pub struct Answer {
@@ -421,13 +429,14 @@ impl Client {
         loop {
             self.check_cancel()?;
             let auth = self.authorization()?;
+            let call = Call {
+                method: &method,
+                headers,
+                body,
+            };
             let (answer, foreign) = match target {
-                Target::Repo(path) => {
-                    self.send_to_registry(&method, path, headers, body, auth.as_deref())?
-                }
-                Target::Url(url) => {
-                    self.send_to_url(&method, url, headers, body, auth.as_deref())?
-                }
+                Target::Repo(path) => self.send_to_registry(call, path, auth.as_deref())?,
+                Target::Url(url) => self.send_to_url(call, url, auth.as_deref())?,
             };
             let resp = &answer.response;
             let status = resp.status().as_u16();
@@ -600,7 +609,12 @@ impl Client {
             Some(s) if basic.is_some() => format!("with the credentials from {s}"),
             _ => "anonymously".to_string(),
         };
-        let resp = match self.follow(&Method::GET, &url, &[], Body::Empty, basic.as_deref()) {
+        let call = Call {
+            method: &Method::GET,
+            headers: &[],
+            body: Body::Empty,
+        };
+        let resp = match self.follow(call, &url, basic.as_deref()) {
             Ok((a, _)) => a.response,
             Err(SendError::Transport(e)) => {
                 return Err(self.transport_failure(&e, &format!("token realm {}", key.realm)))
@@ -640,10 +654,8 @@ impl Client {
     /// Returns the final response and whether it came from another origin.
     fn send_to_registry(
         &self,
-        method: &Method,
+        call: Call<'_, '_>,
         path: &str,
-        headers: &[(&str, String)],
-        body: Body<'_>,
         auth: Option<&str>,
     ) -> Result<(Answer, bool), Failure> {
         let known = *self.scheme.lock().unwrap_or_else(|e| e.into_inner());
@@ -662,7 +674,7 @@ impl Client {
                 self.repository,
                 path
             );
-            match self.follow(method, &url, headers, body, auth) {
+            match self.follow(call, &url, auth) {
                 Ok(r) => {
                     *self.scheme.lock().unwrap_or_else(|e| e.into_inner()) = Some(scheme);
                     return Ok(r);
@@ -700,10 +712,8 @@ impl Client {
     /// it is on the registry's own origin; HTTPS → HTTP is refused without `--insecure`.
     fn send_to_url(
         &self,
-        method: &Method,
+        call: Call<'_, '_>,
         url: &str,
-        headers: &[(&str, String)],
-        body: Body<'_>,
         auth: Option<&str>,
     ) -> Result<(Answer, bool), Failure> {
         let fatal = |m: String| Failure::Fatal(anyhow!(m));
@@ -733,7 +743,7 @@ impl Client {
             )));
         }
         let same = origin == home;
-        match self.follow(method, url, headers, body, auth.filter(|_| same)) {
+        match self.follow(call, url, auth.filter(|_| same)) {
             Ok((answer, foreign)) => Ok((answer, foreign || !same)),
             Err(SendError::Failure(f)) => Err(f),
             Err(SendError::Transport(e)) => Err(self.transport_failure(&e, &self.registry)),
@@ -766,12 +776,15 @@ impl Client {
     /// the method), opening the body again.
     fn follow(
         &self,
-        method: &Method,
+        call: Call<'_, '_>,
         url: &str,
-        headers: &[(&str, String)],
-        body: Body<'_>,
         auth: Option<&str>,
     ) -> Result<(Answer, bool), SendError> {
+        let Call {
+            method,
+            headers,
+            body,
+        } = call;
         let fatal = |e: anyhow::Error| SendError::Failure(Failure::Fatal(e));
         let first: Uri = url
             .parse()
