@@ -17,7 +17,7 @@ use crate::inject::{self, InjectOptions};
 use crate::layer::{Compression, LayerDesc};
 use crate::ociout::{self, OciArchive, OciOptions};
 use crate::output::{self, HashWrite, PendingFile};
-use crate::registry::{RegistryOptions, RegistryStats};
+use crate::registry::{push_layout, PushStats, Reference, RegistryOptions, RegistryStats};
 use crate::source::{self, BlobStore, Platform};
 use crate::tarout::TarWriter;
 use crate::tree::Kind;
@@ -64,6 +64,9 @@ pub struct ConvertOptions {
     pub keep_layers: bool,
     /// Add hakim-init (and service files) and make it the entry point.
     pub inject: Option<InjectOptions>,
+    /// OCI archive: also push the image to this registry reference (`HOST/NAME:TAG`),
+    /// with the same credentials and TLS options as pulling.
+    pub push: Option<String>,
     /// `SOURCE_DATE_EPOCH`.
     pub source_date_epoch: Option<u64>,
     /// Set (e.g. by a signal handler) to abort; the partial file is removed.
@@ -92,12 +95,20 @@ impl ConvertOptions {
             tag: None,
             keep_layers: false,
             inject: None,
+            push: None,
             source_date_epoch: None,
             cancel: Arc::new(AtomicBool::new(false)),
             progress: false,
             registry: RegistryOptions::default(),
         }
     }
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct PushSummary {
+    pub reference: String,
+    #[serde(flatten)]
+    pub stats: PushStats,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -144,6 +155,9 @@ pub struct Summary {
     /// OCI archives: manifest, config and layer descriptors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oci: Option<OciArchive>,
+    /// `--push`: where the image went and what was sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushSummary>,
     pub warnings: Vec<String>,
     pub seconds: f64,
 }
@@ -220,6 +234,20 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     if opts.keep_layers && opts.format != OutputFormat::OciArchive {
         bail!("--keep-layers only applies to --format oci-archive");
     }
+    // A bad push target is an error before anything is downloaded.
+    let push_target = match &opts.push {
+        None => None,
+        Some(_) if opts.format != OutputFormat::OciArchive => {
+            bail!("--push needs --format oci-archive (the archive is what gets pushed)")
+        }
+        Some(r) => {
+            let target = Reference::parse(r).with_context(|| format!("--push {r}"))?;
+            if target.digest.is_some() {
+                bail!("--push {r}: push to a tag, not a digest");
+            }
+            Some(target)
+        }
+    };
     let level = opts.level.unwrap_or(opts.compression.default_level());
     check_level(opts.compression, level)?;
     if let Some(inj) = &opts.inject {
@@ -428,6 +456,28 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     cancelled(&opts.cancel)?;
     pending.commit(&final_path)?;
     let sums_file = output::update_sums(&opts.output_dir, &file_name, &sha256)?;
+    let push = match push_target {
+        None => None,
+        Some(target) => {
+            let reference = target.to_string();
+            let mut request = push_layout::from_oci_archive(&final_path, target.clone())?;
+            // Kept layers already live in the source repository: mount them there.
+            if opts.keep_layers {
+                if let Ok(source) = Reference::parse(&image.reference) {
+                    if source.registry == target.registry && image.repository.is_some() {
+                        request.mount_from = Some(source.repository);
+                    }
+                }
+            }
+            let stats = crate::registry::push(&request, &registry).with_context(|| {
+                format!(
+                    "{} was written, but pushing it to {reference} failed",
+                    final_path.display()
+                )
+            })?;
+            Some(PushSummary { reference, stats })
+        }
+    };
 
     let layers = image
         .layers
@@ -466,6 +516,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         entries,
         injected,
         oci,
+        push,
         warnings,
         seconds: started.elapsed().as_secs_f64(),
     })

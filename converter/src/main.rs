@@ -94,6 +94,10 @@ struct ConvertArgs {
     /// oci-archive: copy the source layers (re-encoding those Proxmox cannot read) instead of one flattened layer.
     #[arg(long)]
     keep_layers: bool,
+    /// oci-archive: also push the image to HOST/NAME:TAG (same credentials and TLS options as pulling),
+    /// ready for Proxmox's oci-registry-pull.
+    #[arg(long, value_name = "REF")]
+    push: Option<String>,
     /// Add this static hakim-init binary as /usr/local/sbin/hakim-init and make it the entry point
     /// (/sbin/init for rootfs templates, Entrypoint for OCI archives).
     #[arg(long, value_name = "PATH", help_heading = INJ)]
@@ -276,6 +280,18 @@ fn write_report(summary: &Summary, json: bool) -> std::io::Result<()> {
             )?;
         }
     }
+    if let Some(p) = &summary.push {
+        writeln!(
+            out,
+            "  pushed      {} ({}; {} bytes in {} blobs, {} already there, {} mounted)",
+            p.reference,
+            p.stats.manifest_digest,
+            p.stats.bytes_uploaded,
+            p.stats.blobs_uploaded,
+            p.stats.blobs_existing,
+            p.stats.blobs_mounted
+        )?;
+    }
     if !summary.injected.is_empty() {
         writeln!(out, "  injected    {}", summary.injected.join(" "))?;
     }
@@ -348,6 +364,7 @@ fn run(cli: Cli) -> Result<()> {
                 tag: a.tag,
                 keep_layers: a.keep_layers,
                 inject,
+                push: a.push,
                 source_date_epoch: source_date_epoch()?,
                 cancel,
                 progress: progress && !a.quiet,
@@ -388,6 +405,7 @@ fn run(cli: Cli) -> Result<()> {
                 tag: None,
                 keep_layers: false,
                 inject: None,
+                push: None,
                 source_date_epoch: source_date_epoch()?,
                 cancel,
                 progress,

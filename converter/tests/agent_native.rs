@@ -532,6 +532,14 @@ fn services_are_installed_and_bad_inputs_are_refused() {
     o.keep_layers = true;
     o.output_dir = f.dir.path().join("bad4");
     fails(o, "--keep-layers");
+    let mut o = options(&f, OutputFormat::Rootfs, None);
+    o.push = Some("127.0.0.1:5000/x:y".into());
+    o.output_dir = f.dir.path().join("bad5");
+    fails(o, "--push needs --format oci-archive");
+    let mut o = options(&f, OutputFormat::OciArchive, None);
+    o.push = Some("127.0.0.1:5000/x@sha256:0000".into());
+    o.output_dir = f.dir.path().join("bad6");
+    fails(o, "--push");
 
     // A dynamically linked init is allowed, with a warning.
     let dynamic = fake_init(f.dir.path(), 62, true);

@@ -884,8 +884,8 @@ fn upload_redirect_never_carries_authorization() {
     check_pulled(&reg, "e2e/redirected:v1", &image, work.path());
 }
 
-/// The converter's own OCI archive (`--format oci-archive`, the demo image flattened), pushed
-/// with token auth and pulled back by skopeo as Proxmox does: the pulled archive passes
+/// The converter's own OCI archive (`convert --format oci-archive --push`, the demo image
+/// flattened), pushed with token auth and pulled back by skopeo as Proxmox does: the pulled archive passes
 /// `hakim-convert verify`, holds the same manifest and blobs, and converts to the same rootfs.
 #[test]
 fn converter_oci_archive_round_trip() {
@@ -895,31 +895,45 @@ fn converter_oci_archive_round_trip() {
     let work = scratch_dir("push-archive-");
     let demo = demo_image(work.path());
     let epoch = [("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH)];
-    let ours = run_converter_json(&[
-        "convert",
-        &demo.oci_ref(),
-        "-o",
-        &work.path().join("out").display().to_string(),
-        "--format",
-        "oci-archive",
-        "--name",
-        "hakim-demo_e2e",
-        "--tag",
-        "e2e",
-    ]);
+    let reg = Registry::start(Mode::Token);
+    let creds = work.path().join("creds");
+    fs::write(&creds, format!("{USER}:{PASSWORD}")).unwrap();
+    let target = format!("{}/e2e/hakim-demo:e2e", reg.host());
+    let mut args = vec![
+        "convert".to_string(),
+        demo.oci_ref(),
+        "-o".into(),
+        work.path().join("out").display().to_string(),
+        "--format".into(),
+        "oci-archive".into(),
+        "--name".into(),
+        "hakim-demo_e2e".into(),
+        "--tag".into(),
+        "e2e".into(),
+        "--push".into(),
+        target.clone(),
+        "--creds-file".into(),
+        creds.display().to_string(),
+    ];
+    if let Some(ca) = &reg.tls_cert {
+        args.push("--ca-cert".into());
+        args.push(ca.display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ours = run_converter_json(&args);
     let archive = PathBuf::from(ours["artifact"].as_str().expect("artifact"));
     let image = {
         let dir = work.path().join("ours");
         untar(&archive, &dir);
         load_layout(&dir)
     };
-
-    let reg = Registry::start(Mode::Token);
-    let req = from_oci_archive(&archive, target(&reg.host(), "e2e/hakim-demo:e2e"))
-        .expect("push request from our archive");
-    let stats = push_ok(&req, &options(&reg, true, UploadOptions::default()));
-    assert_eq!(stats.manifest_digest, image.digest);
-    assert_eq!(counts(&stats), (image.blob_bytes(), 2, 0, 0));
+    // `convert --push` pushed the archive it wrote: same manifest, every blob sent once.
+    let pushed = &ours["push"];
+    assert_eq!(pushed["reference"], target.as_str(), "{ours}");
+    assert_eq!(pushed["manifest_digest"], image.digest.as_str());
+    assert_eq!(pushed["bytes_uploaded"], image.blob_bytes());
+    assert_eq!(pushed["blobs_uploaded"], 2);
+    assert_eq!(pushed["blobs_existing"], 0);
     check_pulled(&reg, "e2e/hakim-demo:e2e", &image, work.path());
 
     let pulled = work.path().join("pulled.tar");
