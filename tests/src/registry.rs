@@ -1053,8 +1053,8 @@ impl Registry {
     }
 
     /// skopeo options for this registry as a destination (`dest`) or source (`src`); `None` for
-    /// `skopeo inspect`'s unprefixed options.
-    fn skopeo_args(&self, prefix: Option<&str>, with_creds: bool) -> Vec<String> {
+    /// the unprefixed options of `skopeo inspect` (and of `buildah bud`/`push`, which share them).
+    pub fn skopeo_args(&self, prefix: Option<&str>, with_creds: bool) -> Vec<String> {
         let p = |name: &str| match prefix {
             Some(pre) => format!("--{pre}-{name}"),
             None => format!("--{name}"),
@@ -1229,6 +1229,24 @@ impl Registry {
             .unwrap_or_default();
         out.sort();
         out
+    }
+
+    /// `skopeo inspect --config docker://HOST/REFERENCE`: the image configuration blob, parsed.
+    pub fn config(&self, reference: &str) -> Value {
+        let out = run_ok(
+            Command::new("skopeo")
+                .args(["inspect", "--config", "--retry-times", "0"])
+                .args(self.skopeo_args(None, true))
+                .arg(self.docker_ref(reference))
+                .envs(self.client_env()),
+        )
+        .stdout;
+        serde_json::from_slice(&out).unwrap_or_else(|e| {
+            panic!(
+                "config of {reference} is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out)
+            )
+        })
     }
 
     /// Stops the registry (its storage stays until drop). Idempotent.
