@@ -25,10 +25,12 @@ use std::process::{Command, Stdio};
 
 use hakim_e2e::images::{base_rootfs, images_ready, Buildah};
 use hakim_e2e::init_harness::init_bin;
-use hakim_e2e::registry::{converter_ready, registry_ready, LocalImage, Mode, Registry};
+use hakim_e2e::registry::{
+    converter_ready, read_blob, registry_ready, run_converter, LocalImage, Mode, Registry,
+};
 use hakim_e2e::{
-    check_listing, convert, list_dir, proxmox_extract, pytools, run_ok, scratch_dir, serial,
-    sha256_file, show, workspace_root, Compression,
+    check_listing, list_dir, proxmox_extract, pytools, run_ok, scratch_dir, serial, sha256_file,
+    show, workspace_root, Compression,
 };
 use serde_json::Value;
 
@@ -217,7 +219,8 @@ fn check_agent_native_config(config: &Value) {
 }
 
 /// The extracted rootfs of the agent-native image: the init binary, `/sbin/init` resolving to
-/// it through `sbin → usr/sbin`, the example services byte for byte.
+/// it through `sbin → usr/sbin`, the base's `Env` in `/etc/hakim/image.env`, the example
+/// services byte for byte.
 fn check_agent_native_tree(root: &Path, init: &Path) {
     let bin = root.join(INIT_IN_IMAGE);
     let meta = fs::symlink_metadata(&bin).expect("hakim-init in the tree");
@@ -239,6 +242,24 @@ fn check_agent_native_tree(root: &Path, init: &Path) {
         fs::read_link(root.join("usr/sbin/init")).ok(),
         Some(PathBuf::from("/usr/local/sbin/hakim-init")),
         "/sbin/init must now point at hakim-init (it was systemd's link)"
+    );
+
+    // The image's Env for hakim-init, and nothing of the build's shell.
+    let image_env = fs::read_to_string(root.join("etc/hakim/image.env"))
+        .expect("/etc/hakim/image.env in the tree");
+    let mut names: Vec<&str> = image_env
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["LANG", "PATH"],
+        "/etc/hakim/image.env:\n{image_env}"
+    );
+    assert!(
+        image_env.lines().any(|l| l == "LANG=C.UTF-8"),
+        "/etc/hakim/image.env:\n{image_env}"
     );
 
     let services = workspace_root().join("images/services");
@@ -296,6 +317,105 @@ fn boot_command_mode(root: &Path) {
     );
 }
 
+/// `hakim-convert convert` from the registry, with `verify` run on every artifact.
+struct Converter<'r> {
+    reg: &'r Registry,
+    cache: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl<'r> Converter<'r> {
+    fn new(reg: &'r Registry, work: &Path) -> Converter<'r> {
+        let mut env = reg.client_env();
+        env.push(("SOURCE_DATE_EPOCH".into(), "1750000000".into()));
+        Converter {
+            reg,
+            cache: work.join("convert-cache"),
+            env,
+        }
+    }
+
+    /// Converts `reference` with `args`; returns the output directory and the artifact, which
+    /// `hakim-convert verify` has passed.
+    fn run(&self, reference: &str, args: &[String]) -> (tempfile::TempDir, PathBuf) {
+        let out = scratch_dir("out-");
+        let mut full: Vec<String> = vec![
+            "convert".into(),
+            self.reg.docker_ref(reference),
+            "-o".into(),
+            out.path().display().to_string(),
+            "--cache-dir".into(),
+            self.cache.display().to_string(),
+            "--json".into(),
+            "-q".into(),
+        ];
+        full.extend(args.iter().cloned());
+        let result = run_converter(&full, &self.env);
+        assert!(
+            result.status.success(),
+            "hakim-convert {full:?} failed ({}):\n{}",
+            result.status,
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let summary: Value = serde_json::from_slice(&result.stdout).expect("--json summary");
+        let artifact = out.path().join(
+            Path::new(summary["artifact"].as_str().expect("artifact in summary"))
+                .file_name()
+                .unwrap(),
+        );
+        let verify = run_converter(
+            &["verify".into(), artifact.display().to_string()],
+            &self.env,
+        );
+        assert!(
+            verify.status.success(),
+            "hakim-convert verify {} failed:\n{}{}",
+            artifact.display(),
+            String::from_utf8_lossy(&verify.stdout),
+            String::from_utf8_lossy(&verify.stderr)
+        );
+        (out, artifact)
+    }
+
+    /// A zstd rootfs template of `reference`, its listing checked and extracted as Proxmox does.
+    fn rootfs(&self, reference: &str, args: &[String]) -> tempfile::TempDir {
+        let mut all = vec!["--compression".to_string(), "zstd".to_string()];
+        all.extend(args.iter().cloned());
+        let (_out, artifact) = self.run(reference, &all);
+        let problems = check_listing(&artifact, Compression::Zstd, "drwxr-xr-x");
+        assert!(problems.is_empty(), "artifact listing: {problems:#?}");
+        proxmox_extract(&artifact, Compression::Zstd)
+    }
+
+    /// The image config inside an OCI archive of `reference` (one flattened layer), read the
+    /// way Proxmox does: `index.json` → manifest → config.
+    fn oci_archive_config(&self, reference: &str, args: &[String]) -> Value {
+        let mut all = vec!["--format".to_string(), "oci-archive".to_string()];
+        all.extend(args.iter().cloned());
+        let (out, artifact) = self.run(reference, &all);
+        let layout = out.path().join("unpacked");
+        fs::create_dir_all(&layout).unwrap();
+        run_ok(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(&artifact)
+                .arg("-C")
+                .arg(&layout),
+        );
+        let image = LocalImage {
+            layout: layout.clone(),
+            tag: None,
+        };
+        let manifest = image.manifest();
+        assert_eq!(
+            manifest["layers"].as_array().map(Vec::len),
+            Some(1),
+            "one flattened layer: {manifest}"
+        );
+        read_blob(&layout, manifest["config"]["digest"].as_str().unwrap())
+    }
+}
+
 #[test]
 fn agent_native_image_builds_converts_and_boots() {
     if !(images_ready() && registry_ready() && converter_ready()) {
@@ -350,20 +470,26 @@ fn agent_native_image_builds_converts_and_boots() {
     );
     check_agent_native_config(&reg.config("e2e/hakim-base-native:test"));
 
-    // Converted from the registry like any Hakim image, extracted as Proxmox does.
-    let cache = work.path().join("convert-cache");
-    let mut env = reg.client_env();
-    env.push(("SOURCE_DATE_EPOCH".into(), "1750000000".into()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let conversion = convert(
-        &reg.docker_ref("e2e/hakim-base-native:test"),
-        Compression::Zstd,
-        &["--cache-dir", cache.to_str().unwrap()],
-        &env,
-    );
-    let problems = check_listing(&conversion.artifact, Compression::Zstd, "drwxr-xr-x");
-    assert!(problems.is_empty(), "artifact listing: {problems:#?}");
-    let extracted = proxmox_extract(&conversion.artifact, Compression::Zstd);
+    // Converted from the registry like any Hakim image: a rootfs template, extracted as
+    // Proxmox does and booted, and an OCI archive whose config Proxmox would read.
+    let convert = Converter::new(&reg, work.path());
+    let native = "e2e/hakim-base-native:test";
+    let extracted = convert.rootfs(native, &[]);
     check_agent_native_tree(extracted.path(), init);
     boot_command_mode(extracted.path());
+    check_agent_native_config(&convert.oci_archive_config(native, &[]));
+
+    // The other way to the same result: hakim-convert --inject-init on the plain base. Both
+    // routes must give the same binary, services, /sbin/init and config.
+    let inject = [
+        "--inject-init",
+        init.to_str().unwrap(),
+        "--services",
+        root.join("images/services").to_str().unwrap(),
+    ]
+    .map(str::to_string);
+    let injected = convert.rootfs("e2e/hakim-base:test", &inject);
+    check_agent_native_tree(injected.path(), init);
+    boot_command_mode(injected.path());
+    check_agent_native_config(&convert.oci_archive_config("e2e/hakim-base:test", &inject));
 }
