@@ -3,6 +3,7 @@
 //! static binary) and `python-hcl2` (the Terraform parser of `tests/tests/docs.rs`).
 
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 use crate::gate;
@@ -20,37 +21,31 @@ pub fn bin(name: &str) -> PathBuf {
 /// `true` when `hadolint` is installed (see [`gate`]).
 pub fn hadolint_ready() -> bool {
     static MISSING: OnceLock<Vec<String>> = OnceLock::new();
-    gate(MISSING.get_or_init(|| missing(&bin("hadolint"), "hadolint")))
+    gate(MISSING.get_or_init(|| {
+        let ok = bin("hadolint").is_file();
+        missing_unless(ok, "hadolint")
+    }))
 }
 
 /// `true` when the virtualenv's Python can `import hcl2` (see [`gate`]).
 pub fn hcl2_ready() -> bool {
     static MISSING: OnceLock<Vec<String>> = OnceLock::new();
     gate(MISSING.get_or_init(|| {
-        let python = bin("python");
-        let ok = std::process::Command::new(&python)
+        let ok = Command::new(bin("python"))
             .args(["-c", "import hcl2"])
-            .stdin(std::process::Stdio::null())
+            .stdin(Stdio::null())
             .output()
             .is_ok_and(|o| o.status.success());
-        if ok {
-            Vec::new()
-        } else {
-            vec![format!(
-                "python-hcl2 in {} (run ci/install-deps.sh)",
-                dir().display()
-            )]
-        }
+        missing_unless(ok, "python-hcl2")
     }))
 }
 
-fn missing(path: &std::path::Path, what: &str) -> Vec<String> {
-    if path.is_file() {
-        Vec::new()
-    } else {
-        vec![format!(
-            "{what} at {} (run ci/install-deps.sh)",
-            path.display()
-        )]
+fn missing_unless(ok: bool, what: &str) -> Vec<String> {
+    if ok {
+        return Vec::new();
     }
+    vec![format!(
+        "{what} in {} (ci/install-deps.sh installs it)",
+        dir().display()
+    )]
 }
