@@ -13,7 +13,7 @@ init_bin=$(ci/build-init.sh)
 work=$(mktemp -d /tmp/hakim-bench-init.XXXXXX)
 server_pid=""
 cleanup() {
-  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
+  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; fi
   # KEEP=1 keeps the work directory (logs, root) for a look afterwards.
   [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
@@ -71,8 +71,8 @@ wait "$u" || true
 
 # SIGTERM → exit latency in command mode, median of 20.
 latency() { # $1: init binary inside the root; prints milliseconds
-  local bin=$1 i t0 t1 u p
-  for i in $(seq 20); do
+  local bin=$1 t0 t1 u p
+  for _ in $(seq 20); do
     unshare --pid --fork --mount --mount-proc --kill-child chroot "$root" "$bin" -- /bin/sleep 1000 \
       >/dev/null 2>&1 &
     u=$!

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::{find_on_path, run_ok, workspace_root};
+use crate::{find_on_path, run_ok, show, workspace_root};
 
 extern "C" {
     fn kill(pid: c_int, sig: c_int) -> c_int;
@@ -103,7 +103,7 @@ fn tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} not found"))
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -139,23 +139,59 @@ pub fn init_ready() -> bool {
 
 pub use crate::serial;
 
+/// Runs `ci/build-init.sh TARGET` (default target when `None`) and returns the binary it
+/// printed. `env`: extra environment (e.g. `CARGO_TARGET_DIR`); `dir`: the checkout to build.
+pub fn build_init(dir: &Path, target: Option<&str>, env: &[(&str, &Path)]) -> PathBuf {
+    let mut cmd = Command::new(dir.join("ci/build-init.sh"));
+    cmd.args(target).current_dir(dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = run_ok(&mut cmd);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let rel = printed
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("{} printed no path", show(&cmd)))
+        .trim()
+        .to_string();
+    let bin = dir.join(rel);
+    assert!(bin.is_file(), "build-init printed {}", bin.display());
+    bin
+}
+
 /// The static `hakim-init`, built once per test process by `ci/build-init.sh`.
 pub fn init_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = workspace_root();
-        let out = run_ok(Command::new(root.join("ci/build-init.sh")).current_dir(&root));
-        let printed = String::from_utf8_lossy(&out.stdout);
-        let rel = printed
-            .lines()
-            .last()
-            .unwrap_or_else(|| panic!("ci/build-init.sh printed no path"))
-            .trim()
-            .to_string();
-        let bin = root.join(rel);
-        assert!(bin.is_file(), "build-init printed {}", bin.display());
-        bin
-    })
+    BIN.get_or_init(|| build_init(&workspace_root(), None, &[]))
+}
+
+/// Compiles one std-only source file with `rustc` into a static binary for `target`
+/// (`linker`: a cross linker when the target is foreign), installed at `out`.
+pub fn rustc_static(source: &Path, target: &str, linker: Option<&str>, out: &Path) {
+    let root = workspace_root();
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let crate_name = source
+        .file_stem()
+        .map(|s| s.to_string_lossy().replace('-', "_"))
+        .unwrap_or_else(|| "probe".into());
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let mut cmd = Command::new(rustc);
+    cmd.current_dir(&root)
+        .args([
+            "--edition",
+            "2021",
+            "--crate-name",
+            &crate_name,
+            "--target",
+            target,
+        ])
+        .args(["-C", "opt-level=1", "-C", "strip=symbols"]);
+    if let Some(l) = linker {
+        cmd.arg("-C").arg(format!("linker={l}"));
+    }
+    run_ok(cmd.arg("-o").arg(&tmp).arg(source));
+    fs::rename(&tmp, out).unwrap_or_else(|e| panic!("install {}: {e}", out.display()));
 }
 
 /// A static (musl) `fake-coder`, compiled once per test process with `rustc` straight from
@@ -168,29 +204,13 @@ pub fn fake_coder_bin() -> &'static Path {
         let root = workspace_root();
         let dir = root.join("target/init-e2e");
         fs::create_dir_all(&dir).expect("create target/init-e2e");
-        let tmp = dir.join(format!("fake-coder.{}", std::process::id()));
-        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-        run_ok(
-            Command::new(rustc)
-                .current_dir(&root)
-                .args([
-                    "--edition",
-                    "2021",
-                    "--crate-name",
-                    "fake_coder",
-                    "--target",
-                    "x86_64-unknown-linux-musl",
-                    "-C",
-                    "opt-level=1",
-                    "-C",
-                    "strip=symbols",
-                    "-o",
-                ])
-                .arg(&tmp)
-                .arg(root.join("tests/src/bin/fake-coder.rs")),
-        );
         let bin = dir.join("fake-coder");
-        fs::rename(&tmp, &bin).expect("install fake-coder");
+        rustc_static(
+            &root.join("tests/src/bin/fake-coder.rs"),
+            "x86_64-unknown-linux-musl",
+            None,
+            &bin,
+        );
         bin
     })
 }

@@ -101,7 +101,7 @@ pub fn missing_tools_or_root(tools: &[&str], why_root: &str) -> Vec<String> {
     missing
 }
 
-fn find_on_path(tool: &str) -> Option<PathBuf> {
+pub fn find_on_path(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(tool))
