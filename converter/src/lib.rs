@@ -7,6 +7,7 @@
 //! a temporary name by [`output`]. Registry sources are pulled by [`registry`] into
 //! a shared blob cache first.
 
+pub mod batch;
 pub mod compress;
 pub mod convert;
 pub mod digest;

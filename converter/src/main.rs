@@ -9,6 +9,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use hakim_convert::batch::config::{BatchConfig, ConfigFile, Format, Overrides};
+use hakim_convert::batch::{self, BatchOptions, BatchSummary, Status};
 use hakim_convert::compress::OutputCompression;
 use hakim_convert::convert::{convert, ConvertOptions, OutputFormat, Summary};
 use hakim_convert::inject::InjectOptions;
@@ -45,6 +47,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert every variant of an image family (NAMESPACE/hakim-<variant>:TAG), sharing one
+    /// blob cache, skipping variants whose source did not change since the last run.
+    Batch(Box<BatchArgs>),
     /// Build a small sample image (OCI layout) and convert it: the quickest way to see the tool work.
     Demo {
         /// Where the sample layout and the artifact go.
@@ -159,6 +164,118 @@ impl ConvertArgs {
     }
 
     fn registry_options(&self, progress: ProgressMode) -> Result<RegistryOptions> {
+        RegistryArgs {
+            cache_dir: self.cache_dir.clone(),
+            creds: self.creds.clone(),
+            creds_file: self.creds_file.clone(),
+            ca_cert: self.ca_cert.clone(),
+            insecure: self.insecure,
+            jobs: self.jobs,
+            max_attempts: self.max_attempts,
+            read_timeout: self.read_timeout,
+        }
+        .options(progress)
+    }
+}
+
+#[derive(Args)]
+struct BatchArgs {
+    /// Batch config (TOML: namespace, prefix, variants, tag, platform, formats, compression,
+    /// level); flags given here replace its values.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Output directory: artifacts, sha256sums.txt and the skip record sources.txt.
+    #[arg(short, long, visible_alias = "out")]
+    output_dir: PathBuf,
+    /// Registry and owner of the images, e.g. ghcr.io/shekohex.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Repository name before the variant [default: hakim-].
+    #[arg(long)]
+    prefix: Option<String>,
+    /// A variant to convert (repeatable; replaces the config's list).
+    #[arg(long = "variant", value_name = "VARIANT")]
+    variants: Vec<String>,
+    /// Image tag [default: latest].
+    #[arg(long)]
+    tag: Option<String>,
+    /// Artifact format (repeatable) [default: rootfs].
+    #[arg(long = "format", value_enum, value_name = "FORMAT")]
+    formats: Vec<Format>,
+    /// Rootfs compression (repeatable: one artifact each) [default: xz]. OCI archives use gzip layers.
+    #[arg(long = "compression", value_enum, value_name = "C")]
+    compression: Vec<OutputCompression>,
+    /// Compression level (see `convert --help`).
+    #[arg(long)]
+    level: Option<u32>,
+    /// Platform to pick from multi-platform indexes.
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<Platform>,
+    /// Variants converted at once [default: one per core].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    parallel: Option<u16>,
+    /// Compression threads per conversion [default: cores / parallel conversions].
+    #[arg(long, value_name = "N")]
+    threads: Option<u32>,
+    /// Convert even variants whose source manifest did not change.
+    #[arg(long)]
+    force: bool,
+    /// oci-archive: copy the source layers instead of one flattened layer.
+    #[arg(long)]
+    keep_layers: bool,
+    /// Add this static hakim-init to every artifact and make it the entry point.
+    #[arg(long, value_name = "PATH", help_heading = INJ)]
+    inject_init: Option<PathBuf>,
+    /// Service files (*.toml) to install under /etc/hakim/services/.
+    #[arg(long, value_name = "DIR", requires = "inject_init", help_heading = INJ)]
+    services: Option<PathBuf>,
+    /// Keep /etc/ssh/ssh_host_* (removed by default).
+    #[arg(long, requires = "inject_init", help_heading = INJ)]
+    keep_ssh_host_keys: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No per-variant progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// The registry options of `batch` (`convert` keeps them inline, see [`ConvertArgs`]).
+#[derive(Args, Clone)]
+struct RegistryArgs {
+    /// Blob cache shared by all runs and variants [default: $XDG_CACHE_HOME/hakim-convert or ~/.cache/hakim-convert].
+    #[arg(long, value_name = "DIR", help_heading = REG)]
+    cache_dir: Option<PathBuf>,
+    /// Registry credentials (prefer --creds-file: arguments are visible to other users).
+    #[arg(long, value_name = "USER:PASSWORD", help_heading = REG)]
+    creds: Option<String>,
+    /// File holding USER:PASSWORD (or USER:TOKEN).
+    #[arg(long, value_name = "FILE", conflicts_with = "creds", help_heading = REG)]
+    creds_file: Option<PathBuf>,
+    /// Extra trusted CA certificates (PEM), on top of the system bundle. Repeatable.
+    #[arg(long, value_name = "FILE", help_heading = REG)]
+    ca_cert: Vec<PathBuf>,
+    /// Allow plain HTTP to any registry and accept any TLS certificate.
+    #[arg(long, help_heading = REG)]
+    insecure: bool,
+    /// Parallel layer downloads per image.
+    #[arg(long, value_name = "N", help_heading = REG, default_value_t = hakim_convert::registry::DEFAULT_JOBS as u16,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: u16,
+    /// Attempts per request or blob before giving up (retries back off exponentially).
+    #[arg(long, value_name = "N", help_heading = REG, default_value_t = RetryPolicy::default().max_attempts,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_attempts: u32,
+    /// Seconds a read may stall before the download is retried (resuming).
+    #[arg(long, value_name = "SECS", help_heading = REG, default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    read_timeout: u64,
+}
+
+impl RegistryArgs {
+    fn options(&self, progress: ProgressMode) -> Result<RegistryOptions> {
         let credentials = match &self.creds {
             Some(c) => Some(Credentials::parse_pair(c).context("--creds")?),
             None => None,
@@ -177,6 +294,47 @@ impl ConvertArgs {
             read_timeout: std::time::Duration::from_secs(self.read_timeout),
             progress,
             ..RegistryOptions::default()
+        })
+    }
+}
+
+impl BatchArgs {
+    fn options(self, cancel: Arc<AtomicBool>) -> Result<BatchOptions> {
+        let file = self.config.as_deref().map(ConfigFile::load).transpose()?;
+        let config = BatchConfig::new(
+            file,
+            Overrides {
+                namespace: self.namespace,
+                prefix: self.prefix,
+                variants: self.variants,
+                tag: self.tag,
+                platform: self.platform,
+                formats: self.formats,
+                compression: self.compression,
+                level: self.level,
+            },
+        )?;
+        let quiet = self.quiet;
+        Ok(BatchOptions {
+            config,
+            output_dir: self.output_dir,
+            parallel: self.parallel.map(usize::from),
+            threads: self.threads,
+            force: self.force,
+            inject: self.inject_init.map(|init| InjectOptions {
+                init_binary: init,
+                services_dir: self.services,
+                keep_ssh_host_keys: self.keep_ssh_host_keys,
+            }),
+            keep_layers: self.keep_layers,
+            source_date_epoch: source_date_epoch()?,
+            cancel,
+            registry: self.registry.options(ProgressMode::Quiet)?,
+            log: Arc::new(move |line: &str| {
+                if !quiet {
+                    eprintln!("batch: {line}");
+                }
+            }),
         })
     }
 }
@@ -329,6 +487,58 @@ fn print_verify(report: &hakim_convert::verify::Report, json: bool) -> Result<()
     }
 }
 
+fn write_batch_report(summary: &BatchSummary, json: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let text = serde_json::to_string_pretty(summary).map_err(std::io::Error::other)?;
+        return writeln!(out, "{text}");
+    }
+    for v in &summary.variants {
+        let status = match v.status {
+            Status::Converted => "converted",
+            Status::Skipped => "skipped",
+            Status::Failed => "FAILED",
+        };
+        writeln!(out, "{:<12} {status:<9} {}", v.variant, v.source)?;
+        if let Some(e) = &v.error {
+            writeln!(out, "    error: {e}")?;
+        }
+        for a in &v.artifacts {
+            let what = a
+                .file
+                .clone()
+                .unwrap_or_else(|| format!("({})", a.compression.extension()));
+            let detail = match (&a.error, &a.sha256, &a.note) {
+                (Some(e), _, _) => format!("error: {e}"),
+                (None, Some(sha), Some(note)) => format!("{sha}  {note}"),
+                (None, Some(sha), None) => sha.clone(),
+                (None, None, _) => String::new(),
+            };
+            writeln!(out, "    {what}  {detail}")?;
+        }
+    }
+    writeln!(
+        out,
+        "{} variants: {} converted, {} skipped, {} failed; {:.1} MiB downloaded; \
+         {} at once × {} threads; {:.1} s",
+        summary.variants.len(),
+        summary.converted,
+        summary.skipped,
+        summary.failed,
+        summary.bytes_downloaded as f64 / 1048576.0,
+        summary.parallel,
+        summary.threads,
+        summary.seconds
+    )?;
+    writeln!(
+        out,
+        "checksums {}, record {}",
+        summary.sums_file.display(),
+        summary.record_file.display()
+    )
+}
+
 fn run(cli: Cli) -> Result<()> {
     let cancel = cancel_flag()?;
     let progress = std::io::stderr().is_terminal();
@@ -380,6 +590,23 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("{}: {n} rule(s) failed", artifact.display());
             }
             Ok(())
+        }
+        Command::Batch(a) => {
+            let json = a.json;
+            let summary = batch::run(&a.options(cancel)?)?;
+            match write_batch_report(&summary, json) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other?,
+            }
+            if summary.success() {
+                Ok(())
+            } else {
+                anyhow::bail!(
+                    "{} of {} variants failed",
+                    summary.failed,
+                    summary.variants.len()
+                )
+            }
         }
         Command::Demo { output_dir, json } => {
             let layout = output_dir.join("sample-oci");

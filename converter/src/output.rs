@@ -156,44 +156,58 @@ pub fn hash_file(file: &File) -> Result<(String, u64)> {
     Ok((sha, size))
 }
 
-/// Adds or replaces `name`'s line in `dir/sha256sums.txt`, keeping other lines,
-/// under a lock so parallel conversions into one directory don't lose entries.
-pub fn update_sums(dir: &Path, name: &str, sha256: &str) -> Result<PathBuf> {
-    let lock_path = dir.join(".sha256sums.lock");
+/// Rewrites the text file `dir/file_name` (empty when missing) with `edit`, under
+/// the lock file `dir/.<file_name>.lock`, so parallel runs into one directory don't
+/// lose each other's lines. The new text replaces the old atomically.
+pub fn rewrite_locked(
+    dir: &Path,
+    file_name: &str,
+    edit: impl FnOnce(&str) -> String,
+) -> Result<PathBuf> {
+    let lock_path = dir.join(format!(".{}.lock", file_name.trim_end_matches(".txt")));
     let lock = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&lock_path)
         .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    lock.lock().context("cannot lock sha256sums.txt")?;
-    let path = dir.join(SUMS_FILE);
+    lock.lock()
+        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    let path = dir.join(file_name);
     let existing = match fs::read_to_string(&path) {
         Ok(s) => s,
         Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let mut lines: Vec<(String, String)> = Vec::new();
-    for line in existing.lines() {
-        let Some((hash, file)) = line.split_once(' ') else {
-            continue;
-        };
-        let file = file.trim_start_matches([' ', '*']);
-        if file != name {
-            lines.push((file.to_string(), hash.to_string()));
-        }
-    }
-    lines.push((name.to_string(), sha256.to_string()));
-    lines.sort();
-    let mut text = String::new();
-    for (file, hash) in lines {
-        text.push_str(&format!("{hash}  {file}\n"));
-    }
+    let text = edit(&existing);
     let pending = PendingFile::create(dir)?;
     pending.file().write_all(text.as_bytes())?;
     pending.commit(&path)?;
     drop(lock);
     Ok(path)
+}
+
+/// Adds or replaces `name`'s line in `dir/sha256sums.txt`, keeping other lines.
+pub fn update_sums(dir: &Path, name: &str, sha256: &str) -> Result<PathBuf> {
+    rewrite_locked(dir, SUMS_FILE, |existing| {
+        let mut lines: Vec<(String, String)> = Vec::new();
+        for line in existing.lines() {
+            let Some((hash, file)) = line.split_once(' ') else {
+                continue;
+            };
+            let file = file.trim_start_matches([' ', '*']);
+            if file != name {
+                lines.push((file.to_string(), hash.to_string()));
+            }
+        }
+        lines.push((name.to_string(), sha256.to_string()));
+        lines.sort();
+        let mut text = String::new();
+        for (file, hash) in lines {
+            text.push_str(&format!("{hash}  {file}\n"));
+        }
+        text
+    })
 }
 
 #[cfg(test)]

@@ -6,8 +6,13 @@
 //! name in the cache is always complete and correct (barring later damage, which
 //! the flattener's own digest checks still catch). Layers, configs and manifests
 //! fetched by digest all live here; several processes may share the directory.
+//!
+//! Fetching a blob is serialised by a lock file per digest (`DIR/locks/sha256/<hex>`,
+//! `flock`): of several threads or processes that need the same missing blob, one
+//! downloads it and the others wait, then find it cached — a blob shared by several
+//! images converted at once is fetched once.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -32,9 +37,19 @@ pub fn default_dir(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
     set("HOME").map(|h| Path::new(&h).join(".cache/hakim-convert"))
 }
 
+/// How often a waiter checks whether the fetch lock came free (and whether to give up).
+const LOCK_POLL: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone)]
 pub struct BlobCache {
     blobs: PathBuf,
+    locks: PathBuf,
+}
+
+/// The fetch lock of one blob, held until dropped ([`BlobCache::lock`]).
+#[derive(Debug)]
+pub struct BlobLock {
+    _file: File,
 }
 
 impl BlobCache {
@@ -42,9 +57,12 @@ impl BlobCache {
     /// in-progress files a killed run left more than a day ago.
     pub fn open(dir: &Path) -> Result<BlobCache> {
         let blobs = dir.join("blobs/sha256");
-        fs::create_dir_all(&blobs)
-            .with_context(|| format!("cannot create the blob cache {}", blobs.display()))?;
-        let cache = BlobCache { blobs };
+        let locks = dir.join("locks/sha256");
+        for d in [&blobs, &locks] {
+            fs::create_dir_all(d)
+                .with_context(|| format!("cannot create the blob cache {}", d.display()))?;
+        }
+        let cache = BlobCache { blobs, locks };
         cache.remove_stale_partials();
         Ok(cache)
     }
@@ -90,6 +108,32 @@ impl BlobCache {
             return Ok(None);
         }
         Ok(Some(out))
+    }
+
+    /// Takes the fetch lock of `digest`, shared by every thread and process using this
+    /// cache. While another holder fetches the blob this waits, calling `keep_waiting`
+    /// now and then: its error (an interruption) ends the wait. The caller looks the
+    /// blob up again once it holds the lock.
+    pub fn lock(&self, digest: &Digest, keep_waiting: &dyn Fn() -> Result<()>) -> Result<BlobLock> {
+        let path = self.locks.join(digest.hex());
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(BlobLock { _file: file }),
+                Err(TryLockError::WouldBlock) => {
+                    keep_waiting()?;
+                    std::thread::sleep(LOCK_POLL);
+                }
+                Err(TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+                }
+            }
+        }
     }
 
     /// Stores bytes already in memory under their digest, which must be `digest`.
@@ -283,6 +327,37 @@ mod tests {
         assert_eq!(p.digest_so_far(), d);
         let path = p.commit().unwrap();
         assert_eq!(fs::read(path).unwrap(), b"abcdef");
+    }
+
+    #[test]
+    fn fetch_lock_is_exclusive_and_interruptible() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(dir.path()).unwrap();
+        let d = Digest::of_bytes(b"shared");
+        let other = Digest::of_bytes(b"other");
+        let held = cache.lock(&d, &|| Ok(())).unwrap();
+        // Another blob's lock is independent.
+        drop(cache.lock(&other, &|| Ok(())).unwrap());
+        // The same blob: a second holder waits; here it gives up when asked to.
+        let polls = std::sync::atomic::AtomicU32::new(0);
+        let err = cache
+            .lock(&d, &|| {
+                if polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 2 {
+                    anyhow::bail!("interrupted")
+                }
+                Ok(())
+            })
+            .unwrap_err();
+        assert_eq!(err.to_string(), "interrupted");
+        assert!(polls.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+        // Released: a waiter in another thread gets it.
+        let waiter = std::thread::scope(|s| {
+            let h = s.spawn(|| cache.lock(&d, &|| Ok(())).map(|_| ()));
+            std::thread::sleep(Duration::from_millis(120));
+            drop(held);
+            h.join().unwrap()
+        });
+        waiter.unwrap();
     }
 
     #[test]

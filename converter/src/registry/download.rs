@@ -93,7 +93,8 @@ pub struct Outcome {
     pub reused: bool,
 }
 
-/// Makes sure `digest` (`size` bytes) is in `cache`, downloading it if needed.
+/// Makes sure `digest` (`size` bytes) is in `cache`, downloading it if needed, under
+/// the blob's fetch lock (one download however many runs need it at once).
 /// `label` names the blob in messages ("layer 3/27 sha256:…").
 pub fn ensure_blob(
     client: &Client,
@@ -103,11 +104,21 @@ pub fn ensure_blob(
     label: &str,
     observer: &dyn Observer,
 ) -> Result<Outcome> {
+    let cached = Outcome {
+        network_bytes: 0,
+        reused: true,
+    };
     if cache.lookup(digest, Some(size)).is_some() {
-        return Ok(Outcome {
-            network_bytes: 0,
-            reused: true,
-        });
+        return Ok(cached);
+    }
+    // Another thread or process may be fetching it: wait for it, then look again.
+    let _lock = cache.lock(digest, &|| {
+        client
+            .check_cancel()
+            .map_err(|_| anyhow!("{label}: interrupted"))
+    })?;
+    if cache.lookup(digest, Some(size)).is_some() {
+        return Ok(cached);
     }
     let mut partial = cache.partial(digest)?;
     let mut state = RetryState::new(client.policy());

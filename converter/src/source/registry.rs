@@ -101,6 +101,17 @@ impl RegistryJson<'_> {
     }
 }
 
+impl RegistryJson<'_> {
+    fn cached(&self, digest: &Digest, max: u64) -> Result<Option<Vec<u8>>> {
+        let found = self.cache.read_small(digest, max)?;
+        if let Some(bytes) = &found {
+            self.counters.reused(bytes.len() as u64);
+            self.note_children(bytes);
+        }
+        Ok(found)
+    }
+}
+
 impl JsonBlobs for RegistryJson<'_> {
     fn read_blob(&self, digest: &Digest, max: u64) -> Result<Vec<u8>> {
         if let Some((d, bytes)) = &self.top {
@@ -109,9 +120,16 @@ impl JsonBlobs for RegistryJson<'_> {
                 return Ok(bytes.clone());
             }
         }
-        if let Some(bytes) = self.cache.read_small(digest, max)? {
-            self.counters.reused(bytes.len() as u64);
-            self.note_children(&bytes);
+        if let Some(bytes) = self.cached(digest, max)? {
+            return Ok(bytes);
+        }
+        // Another run may be fetching it: wait, then look again.
+        let _lock = self.cache.lock(digest, &|| {
+            self.client
+                .check_cancel()
+                .map_err(|_| anyhow!("{digest}: interrupted"))
+        })?;
+        if let Some(bytes) = self.cached(digest, max)? {
             return Ok(bytes);
         }
         let is_manifest = self
@@ -167,6 +185,84 @@ fn env(k: &str) -> Option<String> {
     std::env::var(k).ok()
 }
 
+/// A registry image resolved to its manifest and config (both cached), its layers
+/// not fetched yet: what a caller needs to decide whether to convert at all.
+pub struct RemoteImage {
+    reference: Reference,
+    display: String,
+    client: Client,
+    cache: BlobCache,
+    progress: Arc<Progress>,
+    counters: Counters,
+    resolved: manifest::Resolved,
+    warnings: Vec<String>,
+    jobs: usize,
+}
+
+impl RemoteImage {
+    /// The digest of the image manifest for the requested platform.
+    pub fn manifest_digest(&self) -> &Digest {
+        &self.resolved.manifest_digest
+    }
+
+    /// The platform of the resolved image (from its config).
+    pub fn platform(&self) -> &Platform {
+        &self.resolved.platform
+    }
+
+    /// What resolution fetched and found cached so far.
+    pub fn stats(&self) -> RegistryStats {
+        self.counters.snapshot()
+    }
+
+    /// Downloads the layers not yet cached (`jobs` at a time) and hands over the image.
+    pub fn download(self) -> Result<(ResolvedImage, RegistryStats)> {
+        let RemoteImage {
+            reference,
+            display,
+            client,
+            cache,
+            progress,
+            counters,
+            resolved,
+            warnings,
+            jobs,
+        } = self;
+        download_layers(
+            &client,
+            &cache,
+            &resolved.layers,
+            jobs,
+            &progress,
+            &counters,
+        )
+        .with_context(|| display.clone())?;
+        let stats = counters.snapshot();
+        progress.summary(&format!(
+            "{}: {} blobs downloaded ({}), {} reused from the cache ({})",
+            reference.registry,
+            stats.blobs_downloaded,
+            HumanBytes(stats.bytes_downloaded),
+            stats.blobs_reused,
+            HumanBytes(stats.bytes_reused)
+        ));
+        let image = ResolvedImage {
+            reference: display,
+            repository: Some(reference.basename().to_string()),
+            tag: reference.tag.clone(),
+            manifest_digest: Some(resolved.manifest_digest),
+            config_digest: Some(resolved.config_digest),
+            config_json: resolved.config_json,
+            config: resolved.config,
+            platform: resolved.platform,
+            layers: resolved.layers,
+            blobs: Box::new(CachedLayers { cache }),
+            warnings,
+        };
+        Ok((image, stats))
+    }
+}
+
 /// Resolves `reference` for `platform` and makes sure every layer is cached.
 pub fn open(
     reference: &Reference,
@@ -174,6 +270,18 @@ pub fn open(
     platform: Option<&Platform>,
     opts: &RegistryOptions,
 ) -> Result<(ResolvedImage, RegistryStats)> {
+    resolve(reference, display, platform, opts)?.download()
+}
+
+/// Resolves `reference` for `platform`: the manifest (by tag always from the
+/// registry, by digest from the cache when there), the index entry for the
+/// platform, the config. No layer is fetched.
+pub fn resolve(
+    reference: &Reference,
+    display: &str,
+    platform: Option<&Platform>,
+    opts: &RegistryOptions,
+) -> Result<RemoteImage> {
     let mut warnings = Vec::new();
     let cache_dir = opts
         .cache_dir
@@ -257,7 +365,7 @@ pub fn open(
         manifests: Mutex::new(HashSet::new()),
         counters: &counters,
     };
-    let resolved = manifest::resolve(
+    let mut resolved = manifest::resolve(
         &json,
         top_media.as_deref(),
         &top_digest,
@@ -265,41 +373,19 @@ pub fn open(
         platform,
     )
     .with_context(|| display.to_string())?;
-    warnings.extend(resolved.warnings);
+    warnings.append(&mut resolved.warnings);
 
-    download_layers(
-        &client,
-        &cache,
-        &resolved.layers,
-        opts.jobs,
-        &progress,
-        &counters,
-    )
-    .with_context(|| display.to_string())?;
-    let stats = counters.snapshot();
-    progress.summary(&format!(
-        "{}: {} blobs downloaded ({}), {} reused from the cache ({})",
-        reference.registry,
-        stats.blobs_downloaded,
-        HumanBytes(stats.bytes_downloaded),
-        stats.blobs_reused,
-        HumanBytes(stats.bytes_reused)
-    ));
-
-    let image = ResolvedImage {
-        reference: display.to_string(),
-        repository: Some(reference.basename().to_string()),
-        tag: reference.tag.clone(),
-        manifest_digest: Some(resolved.manifest_digest),
-        config_digest: Some(resolved.config_digest),
-        config_json: resolved.config_json,
-        config: resolved.config,
-        platform: resolved.platform,
-        layers: resolved.layers,
-        blobs: Box::new(CachedLayers { cache }),
+    Ok(RemoteImage {
+        reference: reference.clone(),
+        display: display.to_string(),
+        client,
+        cache,
+        progress,
+        counters,
+        resolved,
         warnings,
-    };
-    Ok((image, stats))
+        jobs: opts.jobs,
+    })
 }
 
 /// Downloads every distinct layer not yet cached, `jobs` at a time, bottom layers
