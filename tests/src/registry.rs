@@ -1287,6 +1287,34 @@ pub fn unique_blobs(manifests: &[&Value]) -> BTreeMap<String, u64> {
     manifests.iter().flat_map(|m| manifest_blobs(m)).collect()
 }
 
+/// `GET …/blobs/sha256:…` lines answered 200 in the access log, counted by digest.
+pub fn blob_fetches(log: &[AccessLogEntry]) -> BTreeMap<String, usize> {
+    let mut fetched = BTreeMap::new();
+    for e in log {
+        if e.method == "GET" && e.status == 200 {
+            if let Some((_, digest)) = e.uri.split_once("/blobs/") {
+                *fetched
+                    .entry(digest.split('?').next().unwrap_or(digest).to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+    fetched
+}
+
+/// Every blob of `manifest` fetched exactly once, nothing else fetched.
+pub fn assert_each_blob_fetched_once(log: &[AccessLogEntry], blobs: &BTreeMap<String, u64>) {
+    let fetched = blob_fetches(log);
+    let twice: Vec<_> = fetched.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "blobs fetched more than once: {twice:?}");
+    let missing: Vec<_> = blobs.keys().filter(|d| !fetched.contains_key(*d)).collect();
+    let extra: Vec<_> = fetched.keys().filter(|d| !blobs.contains_key(*d)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "blob GETs differ from the manifest's blobs: never fetched {missing:?}, unexpected {extra:?}"
+    );
+}
+
 /// Media types of a manifest's layers.
 pub fn layer_media_types(manifest: &Value) -> Vec<String> {
     manifest["layers"]

@@ -30,10 +30,10 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use hakim_e2e::registry::{
-    arm64_variant, base64_decode, converter_ready, demo_image, derived_image, http_get,
-    layer_media_types, manifest_blobs, multiarch_layout, recompressed_layout, registry_ready,
-    run_converter, test_local_image, unique_blobs, AccessLogEntry, LocalImage, Mode, Registry,
-    Transfer, ISSUER, PASSWORD, SERVICE, USER,
+    arm64_variant, assert_each_blob_fetched_once, base64_decode, blob_fetches, converter_ready,
+    demo_image, derived_image, http_get, layer_media_types, manifest_blobs, multiarch_layout,
+    recompressed_layout, registry_ready, run_converter, test_local_image, unique_blobs, LocalImage,
+    Mode, Registry, Transfer, ISSUER, PASSWORD, SERVICE, USER,
 };
 use hakim_e2e::{
     convert, is_artifact_name, list_dir, ready, scratch_dir, serial, Compression, Conversion,
@@ -175,34 +175,6 @@ fn check_failure(out: &Output, outdir: &Path, expect: &[&str], what: &str) {
         );
     }
     eprintln!("{what}: failed as expected: {}", stderr.trim());
-}
-
-/// `GET …/blobs/sha256:…` lines answered 200 in the access log, counted by digest.
-fn blob_fetches(log: &[AccessLogEntry]) -> BTreeMap<String, usize> {
-    let mut fetched = BTreeMap::new();
-    for e in log {
-        if e.method == "GET" && e.status == 200 {
-            if let Some((_, digest)) = e.uri.split_once("/blobs/") {
-                *fetched
-                    .entry(digest.split('?').next().unwrap_or(digest).to_string())
-                    .or_insert(0) += 1;
-            }
-        }
-    }
-    fetched
-}
-
-/// Every blob of `manifest` fetched exactly once, nothing else fetched.
-fn assert_each_blob_fetched_once(log: &[AccessLogEntry], blobs: &BTreeMap<String, u64>) {
-    let fetched = blob_fetches(log);
-    let twice: Vec<_> = fetched.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "blobs fetched more than once: {twice:?}");
-    let missing: Vec<_> = blobs.keys().filter(|d| !fetched.contains_key(*d)).collect();
-    let extra: Vec<_> = fetched.keys().filter(|d| !blobs.contains_key(*d)).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "blob GETs differ from the manifest's blobs: never fetched {missing:?}, unexpected {extra:?}"
-    );
 }
 
 fn sum(blobs: &BTreeMap<String, u64>) -> u64 {
