@@ -474,3 +474,66 @@ fn concurrent_batches_sharing_a_cache_fetch_each_blob_once() {
         "bytes downloaded by both runs"
     );
 }
+
+#[test]
+fn batch_agent_native_outputs_and_a_new_init_rebuilds_them() {
+    let Some(Family { reg, .. }) = family(&["php", "js"]) else {
+        return;
+    };
+    let out = scratch_dir("batch-out-");
+    let cache = scratch_dir("batch-cache-");
+    let tools = scratch_dir("batch-init-");
+    let init = tools.path().join("hakim-init");
+    fs::copy(hakim_e2e::init_harness::init_bin(), &init).expect("copy hakim-init");
+    let services = hakim_e2e::workspace_root().join("images/services");
+    let args = [
+        "--format",
+        "rootfs",
+        "--format",
+        "oci-archive",
+        "--inject-init",
+        init.to_str().unwrap(),
+        "--services",
+        services.to_str().unwrap(),
+    ];
+    let first = batch_ok(&reg, &["php", "js"], out.path(), cache.path(), &args);
+    let files: Vec<String> = first["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v["artifacts"].as_array().unwrap().clone())
+        .map(|a| a["file"].as_str().unwrap().to_string())
+        .collect();
+    assert!(files.contains(&"hakim-php_1.tar".to_string()), "{files:?}");
+    assert!(
+        files.contains(&"hakim-js-trixie-amd64.tar.zst".to_string()),
+        "{files:?}"
+    );
+    assert_eq!(files.len(), 4);
+    for f in &files {
+        // Every artifact passes the converter's own Proxmox checks.
+        run_ok(
+            Command::new(hakim_e2e::converter_bin())
+                .arg("verify")
+                .arg(out.path().join(f)),
+        );
+    }
+    sha256sum_check(out.path());
+    let second = batch_ok(&reg, &["php", "js"], out.path(), cache.path(), &args);
+    assert!(
+        statuses(&second).values().all(|s| s == "skipped"),
+        "{second:#}"
+    );
+
+    // A new hakim-init (same sources otherwise) makes every artifact stale.
+    let mut bytes = fs::read(&init).unwrap();
+    bytes.push(0);
+    fs::write(&init, bytes).unwrap();
+    let third = batch_ok(&reg, &["php", "js"], out.path(), cache.path(), &args);
+    assert!(
+        statuses(&third).values().all(|s| s == "converted"),
+        "{third:#}"
+    );
+    assert_eq!(third["bytes_downloaded"].as_u64(), Some(0));
+    sha256sum_check(out.path());
+}
