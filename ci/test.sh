@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The project's one test command (the README gives it; .ci/run calls it):
-# installs test dependencies, then formatting, lints, unit, fixture and
-# end-to-end tests against real tools.
+# installs test dependencies, then formatting, lints (Rust, shell scripts,
+# GitHub workflows), unit, fixture and end-to-end tests against real tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ci/install-deps.sh
+shellcheck ci/*.sh .ci/run
+ci/actionlint.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --quiet

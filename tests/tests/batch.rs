@@ -519,6 +519,7 @@ fn batch_agent_native_outputs_and_a_new_init_rebuilds_them() {
         );
     }
     sha256sum_check(out.path());
+    publish(&reg, out.path(), &first, &files);
     let second = batch_ok(&reg, &["php", "js"], out.path(), cache.path(), &args);
     assert!(
         statuses(&second).values().all(|s| s == "skipped"),
@@ -536,4 +537,55 @@ fn batch_agent_native_outputs_and_a_new_init_rebuilds_them() {
     );
     assert_eq!(third["bytes_downloaded"].as_u64(), Some(0));
     sha256sum_check(out.path());
+}
+
+/// `ci/templates-publish.sh` on a batch's output: the release directory holds the converted
+/// artifacts with a `sha256sums.txt` that verifies and the record; `gh` (here `echo`) is asked
+/// to create the release with exactly those files; the OCI archives are pushed as
+/// `hakim-<variant>:agent-native` and come back from the registry as the archive's manifest.
+fn publish(reg: &Registry, out: &Path, json: &Value, files: &[String]) {
+    fs::write(out.join("batch.json"), json.to_string()).unwrap();
+    let script = hakim_e2e::workspace_root().join("ci/templates-publish.sh");
+    let o = run_ok(
+        Command::new(&script)
+            .arg(out)
+            .arg("templates-test")
+            .arg(format!("{}/e2e", reg.host()))
+            .env("GH", "echo")
+            .env("SKOPEO_COPY_OPTS", "--dest-tls-verify=false")
+            .envs(reg.client_env()),
+    );
+    let printed = String::from_utf8_lossy(&o.stdout);
+    let gh = printed
+        .lines()
+        .find(|l| l.starts_with("release create templates-test"))
+        .unwrap_or_else(|| panic!("no release created:\n{printed}"));
+    let rel = out.join("release");
+    for f in files
+        .iter()
+        .map(String::as_str)
+        .chain(["sha256sums.txt", "sources.txt"])
+    {
+        assert!(
+            gh.contains(&format!("{}/{f}", rel.display())),
+            "{f} not released: {gh}"
+        );
+        assert!(rel.join(f).is_file(), "{f} not in {}", rel.display());
+    }
+    sha256sum_check(&rel);
+    for v in ["php", "js"] {
+        let pushed = reg.manifest(&format!("e2e/hakim-{v}:agent-native"));
+        let tar = out.join(format!("hakim-{v}_1.tar"));
+        let listing = run_ok(Command::new("tar").arg("-xOf").arg(&tar).arg("index.json")).stdout;
+        let index: Value = serde_json::from_slice(&listing).unwrap();
+        assert_eq!(
+            manifest_digest(reg, &format!("e2e/hakim-{v}:agent-native")),
+            index["manifests"][0]["digest"].as_str().unwrap(),
+            "{v}: the pushed image is not the archive's ({pushed})"
+        );
+        assert_eq!(
+            reg.raw_manifest(&format!("e2e/hakim-{v}:agent-native-templates-test")),
+            reg.raw_manifest(&format!("e2e/hakim-{v}:agent-native"))
+        );
+    }
 }
