@@ -900,6 +900,58 @@ fn cached_rerun_downloads_nothing() {
     );
 }
 
+/// The same image converted twice from the registry — a cold cache with one compression thread
+/// and one download at a time, then a warm cache with two threads and four downloads — gives
+/// the same bytes, which are also those of the local-layout conversion.
+#[test]
+fn reproducible_across_threads_and_cache_states() {
+    if !conversion_ready(true) {
+        return;
+    }
+    let _guard = serial();
+    let image = test_local_image();
+    let reg = Registry::start(Mode::Plain);
+    let reference = format!("{TEST_REPO}:latest");
+    reg.push(&image.oci_ref(), &reference, &[]);
+    let cache = scratch_dir("cache-");
+    let cold = convert_remote(
+        &reg,
+        &reference,
+        cache.path(),
+        None,
+        &["--threads", "1", "--jobs", "1"],
+    );
+    assert!(
+        Transfer::from_json(&cold.json).bytes_downloaded > 0,
+        "cold cache"
+    );
+    let warm = convert_remote(
+        &reg,
+        &reference,
+        cache.path(),
+        None,
+        &["--threads", "2", "--jobs", "4"],
+    );
+    assert_eq!(
+        Transfer::from_json(&warm.json).bytes_downloaded,
+        0,
+        "warm cache"
+    );
+    eprintln!(
+        "cold cache, 1 thread: {:.1} s; warm cache, 2 threads: {:.1} s; sha256 {}",
+        cold.seconds, warm.seconds, cold.sha256
+    );
+    assert_eq!(
+        cold.sha256, warm.sha256,
+        "cold/1 thread and warm/2 threads differ"
+    );
+    assert_eq!(
+        cold.sha256,
+        local_test_sha(),
+        "registry and local layout differ"
+    );
+}
+
 #[test]
 fn shared_base_layers_download_once() {
     if !conversion_ready(true) {

@@ -14,7 +14,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use hakim_e2e::init_harness::is_root;
+use hakim_e2e::init_harness::{build_init, is_root};
 use hakim_e2e::registry::{read_blob, registry_ready, Mode, Registry};
 use hakim_e2e::{find_on_path, gate, run_ok, scratch_dir, serial, sha256_file, workspace_root};
 
@@ -144,4 +144,58 @@ fn init_image_is_a_multiarch_index_of_the_released_binaries() {
             "{arch}: the image's /hakim-init is not the released binary"
         );
     }
+}
+
+/// Copies the checkout (without `target/`, `.git/`, `out/`) to `dest`.
+fn copy_checkout(from: &std::path::Path, dest: &std::path::Path) {
+    fs::create_dir_all(dest).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if ["target", ".git", "out"].iter().any(|n| name == *n) {
+            continue;
+        }
+        let (src, dst) = (entry.path(), dest.join(&name));
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            copy_checkout(&src, &dst);
+        } else if kind.is_file() {
+            fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+/// hakim-init rebuilt from a copy of the sources at another path, into another target
+/// directory, is bit-for-bit the binary `ci/build-init.sh` built here (docs/init.md,
+/// "Reproducible builds").
+#[test]
+fn init_rebuild_is_bit_for_bit_identical() {
+    if !hakim_e2e::init_harness::init_ready() {
+        return;
+    }
+    let _guard = serial();
+    let ws = workspace_root();
+    let here = hakim_e2e::init_harness::init_bin();
+    let work = scratch_dir("repro-init-");
+    let copy = work.path().join("elsewhere/hakim-tools");
+    copy_checkout(&ws, &copy);
+    let target = work.path().join("other-target");
+    let started = std::time::Instant::now();
+    let again = build_init(&copy, None, &[("CARGO_TARGET_DIR", &target)]);
+    assert!(again.starts_with(&target), "{}", again.display());
+    eprintln!(
+        "rebuilt in {:.1} s: {} ({} bytes) vs {} ({} bytes)",
+        started.elapsed().as_secs_f64(),
+        sha256_file(&again),
+        fs::metadata(&again).unwrap().len(),
+        sha256_file(here),
+        fs::metadata(here).unwrap().len()
+    );
+    assert_eq!(
+        sha256_file(&again),
+        sha256_file(here),
+        "hakim-init is not reproducible: {} and {} differ",
+        again.display(),
+        here.display()
+    );
 }
