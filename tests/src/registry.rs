@@ -831,7 +831,9 @@ impl RegistryProcess {
                 };
                 match probe {
                     Ok(r) if r.status == 200 || r.status == 401 => return Ok(()),
-                    Ok(r) => return Err((format!("GET /v2/ answered {}", r.status), false)),
+                    // Another server (another test run on this machine) took the port
+                    // between free_port() and the registry's bind: try another port.
+                    Ok(r) => return Err((format!("GET /v2/ answered {}", r.status), true)),
                     Err(_) => {}
                 }
                 if !Path::new(&format!("/proc/{}", self.pid)).exists() {
