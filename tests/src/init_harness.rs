@@ -103,7 +103,7 @@ fn tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} not found"))
 }
 
-pub fn is_root() -> bool {
+fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

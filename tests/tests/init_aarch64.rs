@@ -24,8 +24,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hakim_e2e::init_harness::{build_init, is_root, rustc_static, send_signal};
-use hakim_e2e::{find_on_path, gate, run_ok, show, workspace_root};
+use hakim_e2e::init_harness::{build_init, rustc_static, send_signal};
+use hakim_e2e::{gate, missing_tools_or_root, run_ok, show, workspace_root};
 
 const TARGET: &str = "aarch64-unknown-linux-musl";
 const QEMU: &str = "/usr/bin/qemu-aarch64-static";
@@ -59,16 +59,12 @@ fn namespaced_binfmt() -> bool {
 fn ready() -> bool {
     static MISSING: OnceLock<Vec<String>> = OnceLock::new();
     let missing = MISSING.get_or_init(|| {
-        let mut missing: Vec<String> = [LINKER, "rustc", "readelf", "unshare", "chroot"]
-            .iter()
-            .filter(|t| find_on_path(t).is_none() && !Path::new("/usr/sbin").join(t).is_file())
-            .map(|t| t.to_string())
-            .collect();
+        let mut missing = missing_tools_or_root(
+            &[LINKER, "rustc", "readelf", "unshare", "chroot"],
+            "the root's files are owned by uid 0",
+        );
         if !Path::new(QEMU).is_file() {
             missing.push(format!("{QEMU} (qemu-user-static)"));
-        }
-        if !is_root() {
-            missing.push("root".into());
         }
         if missing.is_empty() && !namespaced_binfmt() {
             missing.push("binfmt_misc in a user namespace (Linux >= 6.7)".into());

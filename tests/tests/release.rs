@@ -14,19 +14,17 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use hakim_e2e::init_harness::{build_init, is_root};
+use hakim_e2e::init_harness::build_init;
 use hakim_e2e::registry::{read_blob, registry_ready, Mode, Registry};
-use hakim_e2e::{find_on_path, gate, run_ok, scratch_dir, serial, sha256_file, workspace_root};
+use hakim_e2e::{
+    gate, missing_tools_or_root, run_ok, scratch_dir, serial, sha256_file, workspace_root,
+};
 
 fn ready() -> bool {
-    let mut missing: Vec<String> = ["buildah", "aarch64-linux-gnu-gcc", "file", "sha256sum"]
-        .iter()
-        .filter(|t| find_on_path(t).is_none())
-        .map(|t| t.to_string())
-        .collect();
-    if !is_root() {
-        missing.push("root (buildah storage)".into());
-    }
+    let missing = missing_tools_or_root(
+        &["buildah", "aarch64-linux-gnu-gcc", "file", "sha256sum"],
+        "buildah storage",
+    );
     gate(&missing) && registry_ready()
 }
 
