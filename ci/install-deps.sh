@@ -15,8 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq musl-tools busybox-static lxc e2fsprogs docker-registry apache2-utils openssl qemu-user-static gcc-aarch64-linux-gnu binutils shellcheck)
-tools=(skopeo umoci buildah debootstrap tar xz zstd getfattr getcap file jq musl-gcc busybox lxc-start mkfs.ext4 docker-registry htpasswd openssl qemu-aarch64-static aarch64-linux-gnu-gcc readelf shellcheck)
+packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq musl-tools busybox-static lxc e2fsprogs docker-registry apache2-utils openssl qemu-user-static gcc-aarch64-linux-gnu binutils shellcheck uidmap)
+tools=(skopeo umoci buildah debootstrap tar xz zstd getfattr getcap file jq musl-gcc busybox lxc-start mkfs.ext4 docker-registry htpasswd openssl qemu-aarch64-static aarch64-linux-gnu-gcc readelf shellcheck newuidmap)
 
 missing=()
 for i in "${!tools[@]}"; do

@@ -232,9 +232,11 @@ pub fn test_image() -> &'static TestImage {
     }
 }
 
-fn build_test_image() -> Result<TestImage, String> {
+/// Runs `ci/<script> CACHE` (an idempotent image build into the test cache); returns the
+/// canonical cache directory.
+fn run_image_script(script: &str, what: &str) -> Result<PathBuf, String> {
     let cache = cache_dir();
-    let script = workspace_root().join("ci/build-test-image.sh");
+    let script = workspace_root().join("ci").join(script);
     let started = std::time::Instant::now();
     let status = Command::new("bash")
         .arg(&script)
@@ -250,11 +252,14 @@ fn build_test_image() -> Result<TestImage, String> {
         ));
     }
     eprintln!(
-        "test image ready after {:.1} s",
+        "{what} ready after {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    cache.canonicalize().map_err(|e| e.to_string())
+}
 
-    let cache = cache.canonicalize().map_err(|e| e.to_string())?;
+fn build_test_image() -> Result<TestImage, String> {
+    let cache = run_image_script("build-test-image.sh", "test image")?;
     let oci_layout = cache.join("oci");
     // The oracle is keyed by the image's manifest digest (index.json), so a rebuilt image is
     // never compared against a stale unpack.
@@ -303,6 +308,25 @@ fn build_test_image() -> Result<TestImage, String> {
     })
 }
 
+/// The Hakim-like image of `ci/build-hakim-image.sh` (a Dockerfile built with `buildah bud` on
+/// the cached debootstrap rootfs), built or reused once per test process: `CACHE/hakim-like/oci`,
+/// tag `e2e`.
+pub fn hakim_like_image() -> &'static registry::LocalImage {
+    static IMAGE: OnceLock<Result<registry::LocalImage, String>> = OnceLock::new();
+    let built = IMAGE.get_or_init(|| {
+        let cache = run_image_script("build-hakim-image.sh", "Hakim-like image")?;
+        let layout = cache.join("hakim-like/oci");
+        Ok(registry::LocalImage {
+            layout,
+            tag: Some("e2e".into()),
+        })
+    });
+    match built {
+        Ok(image) => image,
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// Output compression of the artifact.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
@@ -345,13 +369,29 @@ pub fn convert(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> Conversion {
+    let expected_ext = match compression {
+        Compression::Xz => ".tar.xz",
+        Compression::Zstd => ".tar.zst",
+    };
+    let mut all = vec!["--compression", compression.cli_name()];
+    all.extend_from_slice(args);
+    convert_to(source, &all, env, expected_ext)
+}
+
+/// [`convert`] with the format and compression left to `args`; the artifact's name must end
+/// with `expected_ext` (`.tar` for an OCI archive).
+pub fn convert_to(
+    source: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    expected_ext: &str,
+) -> Conversion {
     let outdir = scratch_dir("out-");
     let mut cmd = Command::new(converter_bin());
     cmd.arg("convert")
         .arg(source)
         .arg("-o")
         .arg(outdir.path())
-        .args(["--compression", compression.cli_name()])
         .args(["--name", "hakim-test", "--json"])
         .args(args)
         .env_remove("SOURCE_DATE_EPOCH");
@@ -394,10 +434,6 @@ pub fn convert(
         artifact.display(),
         outdir.path().display()
     );
-    let expected_ext = match compression {
-        Compression::Xz => ".tar.xz",
-        Compression::Zstd => ".tar.zst",
-    };
     let file_name = artifact.file_name().unwrap().to_string_lossy().into_owned();
     assert!(
         file_name.ends_with(expected_ext),
@@ -562,4 +598,5 @@ pub mod fault_proxy;
 pub mod images;
 pub mod lxc;
 pub mod pytools;
+pub mod pve;
 pub mod registry;

@@ -601,6 +601,10 @@ pub struct Config {
     pub idmap_base: Option<u32>,
     /// `lxc.environment` lines.
     pub env: Vec<(String, String)>,
+    /// `lxc.init.cwd`.
+    pub init_cwd: Option<String>,
+    /// Further lines, written last (e.g. the `lxc.mount.entry` Proxmox adds).
+    pub extra: Vec<String>,
 }
 
 impl Default for Config {
@@ -611,6 +615,8 @@ impl Default for Config {
             halt_signal: None,
             idmap_base: None,
             env: Vec::new(),
+            init_cwd: None,
+            extra: Vec::new(),
         }
     }
 }
@@ -706,6 +712,13 @@ impl Container {
         for (k, v) in &cfg.env {
             assert!(!v.contains('\n'), "newline in env value");
             line(format!("lxc.environment = {k}={v}"));
+        }
+        if let Some(cwd) = &cfg.init_cwd {
+            line(format!("lxc.init.cwd = {cwd}"));
+        }
+        for extra in &cfg.extra {
+            assert!(!extra.contains('\n'), "newline in a config line");
+            line(extra.clone());
         }
         fs::write(self.dir.join("config"), c).unwrap();
     }
@@ -848,12 +861,29 @@ impl Container {
     /// `truncate -s SIZE img; mkfs.ext4 -q img; mount -o loop img TARGET` — a fresh volume as
     /// Proxmox hands it to a container (root-owned, with `lost+found`). Unmounted on drop.
     pub fn mount_fresh_volume(&mut self, target: &Path, size: &str) {
+        self.mount_fresh_volume_owned(target, size, None);
+    }
+
+    /// [`Container::mount_fresh_volume`] whose root directory belongs to `root_owner`: Proxmox
+    /// formats the volumes of an unprivileged container with `-E root_owner=100000:100000`, the
+    /// container's root.
+    pub fn mount_fresh_volume_owned(
+        &mut self,
+        target: &Path,
+        size: &str,
+        root_owner: Option<(u32, u32)>,
+    ) {
         let img = self.dir.join(format!(
             "volume-{}.img",
             target.file_name().unwrap().to_string_lossy()
         ));
         crate::run_ok(Command::new("truncate").args(["-s", size]).arg(&img));
-        crate::run_ok(Command::new("mkfs.ext4").arg("-q").arg(&img));
+        let mut mkfs = Command::new("mkfs.ext4");
+        mkfs.arg("-q");
+        if let Some((uid, gid)) = root_owner {
+            mkfs.args(["-E", &format!("root_owner={uid}:{gid}")]);
+        }
+        crate::run_ok(mkfs.arg(&img));
         fs::create_dir_all(target).unwrap();
         crate::run_ok(
             Command::new("mount")
@@ -924,6 +954,263 @@ impl Drop for Container {
 }
 
 // ---------------------------------------------------------------------------------------
+// What a booted workspace must show
+
+pub const SIGINT: i32 = 2;
+pub const SIGTERM: i32 = 15;
+pub const SIGPWR: i32 = 30;
+pub const SIGRTMIN_3: i32 = 37;
+/// Where hakim-init installs the downloaded agent.
+pub const AGENT_BIN: &str = "/var/lib/hakim/agent/coder";
+/// How long a boot may take until the agent has recorded its start.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// `lxc-stop -t`.
+pub const STOP_TIMEOUT_S: u64 = 20;
+/// A clean stop is far quicker than this (the fake agent exits at once on SIGTERM).
+pub const STOP_EXPECTED_BELOW: Duration = Duration::from_secs(10);
+
+/// What the agent must have seen when it started.
+#[derive(Debug, Clone)]
+pub struct AgentExpect {
+    /// The access URL (compared without a trailing slash).
+    pub url: String,
+    pub token: String,
+    /// Supplementary groups, any order.
+    pub groups: Vec<i64>,
+    /// Further variables the agent's environment must hold, with these values.
+    pub env: Vec<(String, String)>,
+}
+
+impl Container {
+    /// Starts the container and waits for the agent's `n`-th start record; returns seconds.
+    pub fn boot(&self, n: usize) -> f64 {
+        let t = Instant::now();
+        if let Err(e) = self.start() {
+            panic!("{e}\n{}", self.diagnostics());
+        }
+        self.wait_for(&format!("agent start #{n}"), BOOT_TIMEOUT, || {
+            self.agent_starts() >= n
+        });
+        t.elapsed().as_secs_f64()
+    }
+
+    /// The `n`-th (1-based) start record of the agent.
+    pub fn start_record(&self, n: usize) -> serde_json::Value {
+        self.records()
+            .into_iter()
+            .filter(|r| r["event"] == "start")
+            .nth(n - 1)
+            .unwrap_or_else(|| panic!("no agent start #{n}\n{}", self.diagnostics()))
+    }
+}
+
+/// The numbers of a JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect())
+        .unwrap_or_default()
+}
+
+/// What the agent must see, whatever the container's kind: `coder agent` as a child of PID 1,
+/// uid/gid 1000, the expected groups, cwd the project directory, no blocked signal, and its
+/// environment.
+pub fn check_agent_start(ct: &Container, rec: &serde_json::Value, expect: &AgentExpect) {
+    let ctx = || format!("agent record: {rec}\n{}", ct.diagnostics());
+    assert_eq!(
+        rec["argv"],
+        serde_json::json!([AGENT_BIN, "agent"]),
+        "{}",
+        ctx()
+    );
+    assert_eq!(
+        ids(&rec["uid"]),
+        [1000; 4],
+        "uid (real, eff, saved, fs)\n{}",
+        ctx()
+    );
+    assert_eq!(ids(&rec["gid"]), [1000; 4], "gid\n{}", ctx());
+    let mut groups = ids(&rec["groups"]);
+    groups.sort_unstable();
+    let mut want = expect.groups.clone();
+    want.sort_unstable();
+    assert_eq!(groups, want, "supplementary groups\n{}", ctx());
+    assert_eq!(rec["cwd"], "/home/coder/project", "{}", ctx());
+    assert_eq!(rec["ppid"], 1, "the agent is a child of PID 1\n{}", ctx());
+    assert_eq!(
+        rec["sig_blocked"],
+        "0000000000000000",
+        "no signal may stay blocked in the agent\n{}",
+        ctx()
+    );
+    let env = &rec["env"];
+    for (k, v) in [
+        ("HOME", "/home/coder"),
+        ("USER", "coder"),
+        ("LOGNAME", "coder"),
+        ("CODER_AGENT_TOKEN", expect.token.as_str()),
+        ("FAKE_CODER_RECORD", RECORD),
+    ]
+    .into_iter()
+    .chain(expect.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    {
+        assert_eq!(env[k], v, "agent env {k}\n{}", ctx());
+    }
+    let got_url = env["CODER_AGENT_URL"].as_str().unwrap_or("");
+    assert_eq!(
+        got_url.trim_end_matches('/'),
+        expect.url.trim_end_matches('/'),
+        "agent env CODER_AGENT_URL\n{}",
+        ctx()
+    );
+    assert!(
+        env["PATH"].as_str().is_some_and(|p| p.contains("/bin")),
+        "agent env PATH\n{}",
+        ctx()
+    );
+}
+
+/// The signal hakim-init logged as the reason for stopping (`kind`: halt, reboot) in `console`.
+pub fn stop_signal(console: &str, kind: &str) -> Option<i32> {
+    console.lines().find_map(|l| {
+        let rest = l.strip_prefix("hakim-init: signal ")?;
+        let (n, tail) = rest.split_once(':')?;
+        (tail.trim() == format!("stopping ({kind})"))
+            .then(|| n.parse().ok())
+            .flatten()
+    })
+}
+
+/// `lxc-stop -r`, and everything a clean reboot implies: a new init, hakim-init logged SIGINT
+/// as a reboot and rebooted (reboot(2) is permitted, also from a user namespace), the agent
+/// that ran saw SIGTERM and exited 0, and the `n`-th agent started. `on_new_init` gets the new
+/// init's pid before the agent is waited for (to serve the agent in the container's new
+/// network namespace); its result is returned with the seconds from `lxc-stop -r` until the
+/// agent was back.
+pub fn reboot<T>(ct: &Container, n: usize, on_new_init: impl FnOnce(u32) -> T) -> (T, f64) {
+    let old_init = ct.init_pid().expect("init pid");
+    let console_before = ct.console().len();
+    let t = Instant::now();
+    let stopped = ct.stop(&["-r"]);
+    assert!(
+        stopped.status.success(),
+        "lxc-stop -r: {} {}\n{}",
+        stopped.status,
+        stopped.output,
+        ct.diagnostics()
+    );
+    ct.wait_for("a new init after lxc-stop -r", BOOT_TIMEOUT, || {
+        ct.state() == "RUNNING" && ct.init_pid().is_some_and(|p| p != old_init)
+    });
+    let new_init = ct.init_pid().expect("init pid");
+    let kept = on_new_init(new_init);
+    ct.wait_for(&format!("agent start #{n}"), BOOT_TIMEOUT, || {
+        ct.agent_starts() >= n
+    });
+    let back = t.elapsed().as_secs_f64();
+    let console = ct.console_since(console_before);
+    assert_eq!(
+        stop_signal(&console, "reboot"),
+        Some(SIGINT),
+        "hakim-init did not log SIGINT as a reboot\n{}",
+        ct.diagnostics()
+    );
+    assert!(
+        console.contains("hakim-init: rebooting")
+            && !console.contains("reboot not permitted")
+            && !console.contains("killing it"),
+        "{}",
+        ct.diagnostics()
+    );
+    let records = ct.records();
+    let tail: Vec<String> = records[records.len().saturating_sub(4)..]
+        .iter()
+        .map(|r| match r["event"].as_str() {
+            Some("signal") => format!("signal {}", r["signal"]),
+            Some("exit") => format!("exit {}", r["code"]),
+            Some(e) => e.to_string(),
+            None => "?".into(),
+        })
+        .collect();
+    assert_eq!(
+        tail,
+        ["start", "signal 15", "exit 0", "start"],
+        "agent events around the reboot\n{}",
+        ct.diagnostics()
+    );
+    println!(
+        "{}: lxc-stop -r returned after {:.3} s; init {old_init} -> {new_init}; agent running \
+         again {back:.3} s after lxc-stop -r",
+        ct.name,
+        stopped.elapsed.as_secs_f64(),
+    );
+    (kept, back)
+}
+
+/// `lxc-stop -t 20 --nokill`, and everything a clean halt implies: the container stopped by
+/// itself, quickly, hakim-init logged one of the `allowed` halt signals and a clean exit
+/// without killing the agent, and the last of `starts` agents saw SIGTERM and exited 0.
+/// Returns the seconds `lxc-stop` took.
+pub fn graceful_stop(ct: &Container, console_from: usize, allowed: &[i32], starts: usize) -> f64 {
+    let stopped = ct.stop(&["-t", &STOP_TIMEOUT_S.to_string(), "--nokill"]);
+    let console = ct.console_since(console_from);
+    let ctx = || {
+        format!(
+            "lxc-stop: {} after {:.2} s: {}\n{}",
+            stopped.status,
+            stopped.elapsed.as_secs_f64(),
+            stopped.output.trim(),
+            ct.diagnostics()
+        )
+    };
+    assert!(
+        stopped.status.success(),
+        "lxc-stop --nokill failed: the container did not stop by itself within {STOP_TIMEOUT_S} s\n{}",
+        ctx()
+    );
+    assert!(
+        stopped.elapsed < STOP_EXPECTED_BELOW,
+        "stop took too long\n{}",
+        ctx()
+    );
+    assert_eq!(ct.state(), "STOPPED", "{}", ctx());
+    let sig = stop_signal(&console, "halt");
+    assert!(
+        sig.is_some_and(|s| allowed.contains(&s)),
+        "hakim-init logged halt signal {sig:?}, expected one of {allowed:?}\n{}",
+        ctx()
+    );
+    assert!(
+        console.contains("hakim-init: exiting with status 0"),
+        "no clean exit logged\n{}",
+        ctx()
+    );
+    assert!(
+        !console.contains("killing it"),
+        "hakim-init had to kill the agent\n{}",
+        ctx()
+    );
+    // The last agent saw its graceful signal (SIGTERM) and exited 0.
+    let records = ct.records();
+    assert_eq!(ct.agent_starts(), starts, "{}", ctx());
+    let last_start = records.iter().rposition(|r| r["event"] == "start").unwrap();
+    let after: Vec<&serde_json::Value> = records[last_start + 1..].iter().collect();
+    assert!(
+        matches!(after.as_slice(), [s, e] if s["event"] == "signal" && s["signal"] == SIGTERM
+            && e["event"] == "exit" && e["code"] == 0),
+        "agent events after its start: {after:?} (want SIGTERM, then exit 0)\n{}",
+        ctx()
+    );
+    println!(
+        "{}: lxc-stop (halt signal {}) returned {} after {:.3} s",
+        ct.name,
+        sig.unwrap(),
+        stopped.status,
+        stopped.elapsed.as_secs_f64()
+    );
+    stopped.elapsed.as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------
 // Inspection
 
 /// Host pids whose parent is `ppid`.
@@ -968,6 +1255,22 @@ pub fn cmdline(pid: u32) -> String {
                 .replace('\0', " ")
         })
         .unwrap_or_default()
+}
+
+/// Owner, mode, mtime, ctime and inode of `p` (a file that must not be touched).
+pub fn stat_line(p: &Path) -> String {
+    let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    format!(
+        "owner={}:{} mode={:o} mtime={}.{} ctime={}.{} ino={}",
+        m.uid(),
+        m.gid(),
+        m.mode() & 0o7777,
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.ino()
+    )
 }
 
 /// Path (relative to `root`) → type, mode, owner, size, sha256, link target, mtime, ctime and

@@ -36,28 +36,16 @@
 //! the container directories. Run with `--nocapture` to see the timings.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hakim_e2e::lxc::{
-    binaries, build_rootfs, children_of, cmdline, ensure_subids, manifest, manifest_diff,
-    proc_status_field, ready, serial, shift_ids, AgentServer, Config, Container, Net,
-    RootfsOptions, Serve, RECORD,
+    binaries, build_rootfs, children_of, cmdline, ensure_subids, graceful_stop, manifest,
+    manifest_diff, proc_status_field, ready, reboot, serial, shift_ids, stat_line, AgentExpect,
+    AgentServer, Config, Container, Net, RootfsOptions, Serve, AGENT_BIN, BOOT_TIMEOUT, RECORD,
+    SIGPWR, SIGRTMIN_3, SIGTERM, STOP_EXPECTED_BELOW, STOP_TIMEOUT_S,
 };
-use serde_json::Value;
 
 const TOKEN: &str = "0c0e3f5a-hakim-lxc-test-token";
-const SIGINT: i32 = 2;
-const SIGTERM: i32 = 15;
-const SIGPWR: i32 = 30;
-const SIGRTMIN_3: i32 = 37;
-const AGENT_BIN: &str = "/var/lib/hakim/agent/coder";
-/// How long a boot may take until the agent has recorded its start.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
-/// `lxc-stop -t`.
-const STOP_TIMEOUT_S: u64 = 20;
-/// A clean stop is far quicker than this (the fake agent exits at once on SIGTERM).
-const STOP_EXPECTED_BELOW: Duration = Duration::from_secs(10);
 
 fn agent_env(url: &str) -> Vec<(String, String)> {
     [
@@ -78,154 +66,15 @@ fn container(test: &str, rootfs: &RootfsOptions) -> Container {
     ct
 }
 
-/// Starts the container and waits for the agent's `n`-th start record; returns seconds.
-fn boot(ct: &Container, n: usize) -> f64 {
-    let t = Instant::now();
-    if let Err(e) = ct.start() {
-        panic!("{e}\n{}", ct.diagnostics());
-    }
-    ct.wait_for(&format!("agent start #{n}"), BOOT_TIMEOUT, || {
-        ct.agent_starts() >= n
-    });
-    t.elapsed().as_secs_f64()
-}
-
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .map(|a| a.iter().filter_map(Value::as_i64).collect())
-        .unwrap_or_default()
-}
-
-/// The `n`-th (1-based) start record.
-fn start_record(ct: &Container, n: usize) -> Value {
-    ct.records()
-        .into_iter()
-        .filter(|r| r["event"] == "start")
-        .nth(n - 1)
-        .unwrap_or_else(|| panic!("no agent start #{n}\n{}", ct.diagnostics()))
-}
-
-/// What the agent must see, whatever the container's kind.
-fn check_agent_start(ct: &Container, rec: &Value, url: &str) {
-    let ctx = || format!("agent record: {rec}\n{}", ct.diagnostics());
-    assert_eq!(
-        rec["argv"],
-        serde_json::json!([AGENT_BIN, "agent"]),
-        "{}",
-        ctx()
-    );
-    assert_eq!(
-        ids(&rec["uid"]),
-        [1000; 4],
-        "uid (real, eff, saved, fs)\n{}",
-        ctx()
-    );
-    assert_eq!(ids(&rec["gid"]), [1000; 4], "gid\n{}", ctx());
-    let mut groups = ids(&rec["groups"]);
-    groups.sort_unstable();
-    assert_eq!(groups, [999, 1000], "groups (docker, coder)\n{}", ctx());
-    assert_eq!(rec["cwd"], "/home/coder/project", "{}", ctx());
-    assert_eq!(rec["ppid"], 1, "the agent is a child of PID 1\n{}", ctx());
-    assert_eq!(
-        rec["sig_blocked"],
-        "0000000000000000",
-        "no signal may stay blocked in the agent\n{}",
-        ctx()
-    );
-    let env = &rec["env"];
-    for (k, v) in [
-        ("HOME", "/home/coder"),
-        ("USER", "coder"),
-        ("LOGNAME", "coder"),
-        ("CODER_AGENT_TOKEN", TOKEN),
-        ("FAKE_CODER_RECORD", RECORD),
-    ] {
-        assert_eq!(env[k], v, "agent env {k}\n{}", ctx());
-    }
-    let got_url = env["CODER_AGENT_URL"].as_str().unwrap_or("");
-    assert_eq!(
-        got_url.trim_end_matches('/'),
-        url,
-        "agent env CODER_AGENT_URL\n{}",
-        ctx()
-    );
-    assert!(
-        env["PATH"].as_str().is_some_and(|p| p.contains("/bin")),
-        "agent env PATH\n{}",
-        ctx()
-    );
-}
-
-/// The signal hakim-init logged as the reason for stopping in `console`.
-fn stop_signal(console: &str, kind: &str) -> Option<i32> {
-    console.lines().find_map(|l| {
-        let rest = l.strip_prefix("hakim-init: signal ")?;
-        let (n, tail) = rest.split_once(':')?;
-        (tail.trim() == format!("stopping ({kind})"))
-            .then(|| n.parse().ok())
-            .flatten()
-    })
-}
-
-/// `lxc-stop -t 20 --nokill`, and everything a clean halt implies.
-fn graceful_stop(ct: &Container, console_from: usize, allowed: &[i32], starts: usize) -> f64 {
-    let stopped = ct.stop(&["-t", &STOP_TIMEOUT_S.to_string(), "--nokill"]);
-    let console = ct.console_since(console_from);
-    let ctx = || {
-        format!(
-            "lxc-stop: {} after {:.2} s: {}\n{}",
-            stopped.status,
-            stopped.elapsed.as_secs_f64(),
-            stopped.output.trim(),
-            ct.diagnostics()
-        )
+/// What the agent must see in these busybox containers (docker is gid 999 there).
+fn check_agent_start(ct: &Container, rec: &serde_json::Value, url: &str) {
+    let expect = AgentExpect {
+        url: url.to_string(),
+        token: TOKEN.to_string(),
+        groups: vec![999, 1000],
+        env: Vec::new(),
     };
-    assert!(
-        stopped.status.success(),
-        "lxc-stop --nokill failed: the container did not stop by itself within {STOP_TIMEOUT_S} s\n{}",
-        ctx()
-    );
-    assert!(
-        stopped.elapsed < STOP_EXPECTED_BELOW,
-        "stop took too long\n{}",
-        ctx()
-    );
-    assert_eq!(ct.state(), "STOPPED", "{}", ctx());
-    let sig = stop_signal(&console, "halt");
-    assert!(
-        sig.is_some_and(|s| allowed.contains(&s)),
-        "hakim-init logged halt signal {sig:?}, expected one of {allowed:?}\n{}",
-        ctx()
-    );
-    assert!(
-        console.contains("hakim-init: exiting with status 0"),
-        "no clean exit logged\n{}",
-        ctx()
-    );
-    assert!(
-        !console.contains("killing it"),
-        "hakim-init had to kill the agent\n{}",
-        ctx()
-    );
-    // The last agent saw its graceful signal (SIGTERM) and exited 0.
-    let records = ct.records();
-    assert_eq!(ct.agent_starts(), starts, "{}", ctx());
-    let last_start = records.iter().rposition(|r| r["event"] == "start").unwrap();
-    let after: Vec<&Value> = records[last_start + 1..].iter().collect();
-    assert!(
-        matches!(after.as_slice(), [s, e] if s["event"] == "signal" && s["signal"] == SIGTERM
-            && e["event"] == "exit" && e["code"] == 0),
-        "agent events after its start: {after:?} (want SIGTERM, then exit 0)\n{}",
-        ctx()
-    );
-    println!(
-        "{}: lxc-stop (halt signal {}) returned {} after {:.3} s",
-        ct.name,
-        sig.unwrap(),
-        stopped.status,
-        stopped.elapsed.as_secs_f64()
-    );
-    stopped.elapsed.as_secs_f64()
+    hakim_e2e::lxc::check_agent_start(ct, rec, &expect);
 }
 
 /// `shutdown_ms`: how long the fake agent takes to shut down (its "shutdown scripts"); the
@@ -247,8 +96,8 @@ fn privileged_halt(test: &str, halt: Option<&str>, allowed: &[i32], shutdown_ms:
         env,
         ..Config::default()
     });
-    let up = boot(&ct, 1);
-    let rec = start_record(&ct, 1);
+    let up = ct.boot(1);
+    let rec = ct.start_record(1);
     check_agent_start(&ct, &rec, &server.url());
     assert!(server.downloads() >= 1, "the agent was never downloaded");
     // The home was seeded from the skel; the agent's record file is the user's.
@@ -297,89 +146,18 @@ fn reboot_restarts_container_and_agent() {
         env: agent_env(&server.url()),
         ..Config::default()
     });
-    boot(&ct, 1);
-    let pid1 = ct.init_pid().expect("init pid");
+    ct.boot(1);
     let console_before = ct.console().len();
-
-    let t = Instant::now();
-    let stopped = ct.stop(&["-r"]);
-    assert!(
-        stopped.status.success(),
-        "lxc-stop -r: {} {}\n{}",
-        stopped.status,
-        stopped.output,
-        ct.diagnostics()
-    );
-    let back = ct.wait_for(
-        "a new init and the second agent start",
-        BOOT_TIMEOUT,
-        || {
-            ct.state() == "RUNNING"
-                && ct.init_pid().is_some_and(|p| p != pid1)
-                && ct.agent_starts() >= 2
-        },
-    );
-    let pid2 = ct.init_pid().unwrap();
-    let console = ct.console_since(console_before);
-    assert_eq!(
-        stop_signal(&console, "reboot"),
-        Some(SIGINT),
-        "hakim-init did not log SIGINT as a reboot\n{}",
-        ct.diagnostics()
-    );
-    assert!(
-        console.contains("hakim-init: rebooting"),
-        "{}",
-        ct.diagnostics()
-    );
-    assert!(
-        !console.contains("killing it") && !console.contains("reboot not permitted"),
-        "{}",
-        ct.diagnostics()
-    );
-    // First agent: SIGTERM, exit 0; then a second start with the same view of the world.
-    let records = ct.records();
-    let events: Vec<String> = records
-        .iter()
-        .map(|r| match r["event"].as_str() {
-            Some("signal") => format!("signal {}", r["signal"]),
-            Some(e) => e.to_string(),
-            None => "?".into(),
-        })
-        .collect();
-    assert_eq!(
-        events,
-        ["start", "signal 15", "exit", "start"],
-        "agent events across the reboot\n{}",
-        ct.diagnostics()
-    );
-    assert_eq!(records[2]["code"], 0);
-    check_agent_start(&ct, &start_record(&ct, 2), &server.url());
+    let ((), back) = reboot(&ct, 2, |_| ());
+    // Exactly one agent before: start, SIGTERM, exit 0; then the second start.
+    assert_eq!(ct.records().len(), 4, "{}", ct.diagnostics());
+    check_agent_start(&ct, &ct.start_record(2), &server.url());
     println!(
-        "{}: lxc-stop -r returned after {:.3} s; init {pid1} -> {pid2}; agent running again \
-         {back:.3} s after lxc-stop -r ({:.3} s in all); downloads: {}",
+        "{}: agent back {back:.3} s after lxc-stop -r; downloads: {}",
         ct.name,
-        stopped.elapsed.as_secs_f64(),
-        t.elapsed().as_secs_f64(),
         server.downloads()
     );
     graceful_stop(&ct, console_before, &[SIGPWR, SIGRTMIN_3], 2);
-}
-
-/// Owner, mode, mtime, ctime and inode of `p`.
-fn stat_line(p: &Path) -> String {
-    let m = std::fs::symlink_metadata(p).unwrap();
-    format!(
-        "owner={}:{} mode={:o} mtime={}.{} ctime={}.{} ino={}",
-        m.uid(),
-        m.gid(),
-        m.mode() & 0o7777,
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec(),
-        m.ino()
-    )
 }
 
 #[test]
@@ -404,9 +182,9 @@ fn fresh_home_volume_is_prepared_once() {
         ..Config::default()
     });
 
-    let up1 = boot(&ct, 1);
+    let up1 = ct.boot(1);
     let console1 = ct.console();
-    check_agent_start(&ct, &start_record(&ct, 1), &server.url());
+    check_agent_start(&ct, &ct.start_record(1), &server.url());
     let ctx = || ct.diagnostics();
     let m = std::fs::metadata(&home).unwrap();
     assert_eq!(
@@ -450,7 +228,7 @@ fn fresh_home_volume_is_prepared_once() {
     let before = manifest(&ct.rootfs, &tops);
 
     let len1 = ct.console().len();
-    let up2 = boot(&ct, 2);
+    let up2 = ct.boot(2);
     let console2 = ct.console_since(len1);
     graceful_stop(&ct, len1, &[SIGPWR, SIGRTMIN_3], 2);
     let after = manifest(&ct.rootfs, &tops);
@@ -513,7 +291,7 @@ fn unprivileged_idmapped_container_runs_agent_as_mapped_user() {
         .unwrap_or_else(|e| panic!("{e}\n{}", ct.diagnostics()));
     ct.wait_for("agent start", BOOT_TIMEOUT, || ct.agent_starts() >= 1);
     let up = t.elapsed().as_secs_f64();
-    check_agent_start(&ct, &start_record(&ct, 1), &url);
+    check_agent_start(&ct, &ct.start_record(1), &url);
 
     // On the host, the agent runs as 101000.
     let agents: Vec<u32> = children_of(init)
@@ -554,41 +332,16 @@ fn unprivileged_idmapped_container_runs_agent_as_mapped_user() {
     );
 
     // Reboot: reboot(2) from the init of a user namespace ends the container for a restart.
-    let console_before = ct.console().len();
-    let stopped = ct.stop(&["-r"]);
-    assert!(
-        stopped.status.success(),
-        "lxc-stop -r: {} {}\n{}",
-        stopped.status,
-        stopped.output,
-        ct.diagnostics()
-    );
-    let t = Instant::now();
-    ct.wait_for("a new init after lxc-stop -r", BOOT_TIMEOUT, || {
-        ct.state() == "RUNNING" && ct.init_pid().is_some_and(|p| p != init)
-    });
-    let init2 = ct.init_pid().unwrap();
     // The new container has a new network namespace: serve the agent there too.
-    let server2 = AgentServer::in_netns(init2, PORT, bins.fake_coder_bytes())
-        .unwrap_or_else(|e| panic!("{e}\n{}", ct.diagnostics()));
-    ct.wait_for("agent start #2", BOOT_TIMEOUT, || ct.agent_starts() >= 2);
-    let console = ct.console_since(console_before);
-    assert_eq!(
-        stop_signal(&console, "reboot"),
-        Some(SIGINT),
-        "{}",
-        ct.diagnostics()
-    );
-    assert!(
-        console.contains("hakim-init: rebooting") && !console.contains("reboot not permitted"),
-        "{}",
-        ct.diagnostics()
-    );
-    check_agent_start(&ct, &start_record(&ct, 2), &url);
+    let console_before = ct.console().len();
+    let (server2, back) = reboot(&ct, 2, |init2| {
+        AgentServer::in_netns(init2, PORT, bins.fake_coder_bytes())
+            .unwrap_or_else(|e| panic!("{e}\n{}", ct.diagnostics()))
+    });
+    check_agent_start(&ct, &ct.start_record(2), &url);
     println!(
-        "{}: rebooted (init {init} -> {init2}), agent running again after {:.3} s; downloads {}",
+        "{}: rebooted, agent running again after {back:.3} s; downloads {}",
         ct.name,
-        t.elapsed().as_secs_f64(),
         server2.downloads()
     );
     graceful_stop(&ct, console_before, &[SIGPWR, SIGRTMIN_3], 2);
@@ -694,7 +447,7 @@ fn stop_during_stalled_download_leaves_no_partial_file() {
         env: agent_env(&server.url()),
         ..Config::default()
     });
-    boot(&ct, 1);
+    ct.boot(1);
     let after_boot = agent_dir(&ct);
     graceful_stop(&ct, 0, &[SIGPWR, SIGRTMIN_3], 1);
     println!(
@@ -727,7 +480,7 @@ fn agent_ignoring_sigterm_is_killed_after_its_grace() {
         env,
         ..Config::default()
     });
-    boot(&ct, 1);
+    ct.boot(1);
     let stopped = ct.stop(&["-t", &STOP_TIMEOUT_S.to_string(), "--nokill"]);
     let console = ct.console();
     let ctx = || {
