@@ -7,13 +7,19 @@
 #             → tar --sort=name --numeric-owner | xz -T2 -6  (or zstd -3 -T2)
 #   floor     xz -T2 -6 / zstd -3 -T2 of OUR uncompressed tar (the cost of the
 #             compressor alone; nothing can beat it by more than noise)
-# and writes the results into docs/benchmarks.md (between the result markers).
+#   registry  the same image pushed to a docker-registry on 127.0.0.1: converted with an
+#             empty blob cache (cold), again (warm), and a variant sharing every base
+#             layer (bytes fetched for two images sharing a base)
+#   init      ci/bench-init.sh: hakim-init's size, idle RSS, boot → agent exec and
+#             SIGTERM → exit next to tini
+# and writes the results into docs/benchmarks.md (below the results marker).
 #
 # Usage: ci/bench.sh [--image-only] [--no-ours] [--no-doc] [--rebuild-image]
 #   --image-only     build (or reuse) the cached image, print its stats, stop
 #   --no-ours        skip hakim-convert (pipeline only; floor then uses the
 #                    pipeline's uncompressed tar)
 #   --no-doc         do not rewrite docs/benchmarks.md
+#   --no-registry    skip the registry rows
 #   --rebuild-image  throw the cached image away and build it again
 #
 # Environment:
@@ -22,9 +28,13 @@
 #                             the default is built with cargo when missing)
 #   HAKIM_BENCH_THREADS       compressor threads for every row (default 2)
 #   HAKIM_BENCH_KEEP_STORAGE  1 = keep buildah's vfs storage after export (≈ 15 GB)
+#   HAKIM_BENCH_INIT          0 = skip ci/bench-init.sh
+#   KEEP                      1 = keep the work directory (CACHE/run.PID) afterwards
 #
-# Needs root, debootstrap, buildah, skopeo, umoci, xz, zstd, jq, GNU time and the
-# Debian mirror from /etc/apt/sources.list.d/debian.sources. No other network.
+# Needs root, debootstrap, buildah, skopeo, umoci, xz, zstd, jq, GNU time, docker-registry,
+# curl and the Debian mirror from /etc/apt/sources.list.d/debian.sources. No other network:
+# the registry listens on 127.0.0.1 and is stopped (by pid) when the script exits. Runs are
+# serialised with flock on CACHE/.bench.lock.
 set -euo pipefail
 
 ROOT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,19 +45,21 @@ XZ_LEVEL=6
 ZSTD_LEVEL=3
 RSS_TARGET_MB=400
 XZ_FLOOR_TARGET=1.10
+ZSTD_PIPE_TARGET=0.33
 DOC="$ROOT_DIR/docs/benchmarks.md"
 OCI="$CACHE/oci"
 IMAGE_REF="oci:$OCI:bench"
-WORK="$CACHE/run"
+WORK="$CACHE/run.$$"
 # Bump when the recipe below changes: the cached image is rebuilt.
 RECIPE_VERSION=1
 
-image_only=0 no_ours=0 no_doc=0 rebuild=0
+image_only=0 no_ours=0 no_doc=0 no_registry=0 rebuild=0
 for arg in "$@"; do
     case $arg in
         --image-only) image_only=1 ;;
         --no-ours) no_ours=1 ;;
         --no-doc) no_doc=1 ;;
+        --no-registry) no_registry=1 ;;
         --rebuild-image) rebuild=1 ;;
         -h | --help)
             sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
@@ -73,7 +85,8 @@ case $BIN in /*) ;; *) BIN="$ROOT_DIR/$BIN" ;; esac
 ensure_tools() {
     local missing=() t
     for t in debootstrap:debootstrap buildah:buildah skopeo:skopeo umoci:umoci \
-        xz:xz-utils zstd:zstd jq:jq gzip:gzip; do
+        xz:xz-utils zstd:zstd jq:jq gzip:gzip docker-registry:docker-registry curl:curl \
+        python3:python3 bc:bc; do
         command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}")
     done
     [[ -x /usr/bin/time ]] || missing+=(time)
@@ -284,6 +297,8 @@ run_ours() {
 # ---------------------------------------------------------------------------
 ensure_tools
 mkdir -p "$CACHE"
+exec 8>"$CACHE/.bench.lock"
+flock 8
 build_image
 # shellcheck source=/dev/null
 source "$CACHE/image.env"
@@ -292,6 +307,19 @@ if ((image_only)); then
     exit 0
 fi
 
+REG_PID=""
+stop_registry() {
+    if [[ -n $REG_PID ]]; then
+        kill "$REG_PID" 2>/dev/null || true
+        wait "$REG_PID" 2>/dev/null || true
+        REG_PID=""
+    fi
+}
+finish() {
+    stop_registry
+    [[ ${KEEP:-0} == 1 ]] || rm -rf "$WORK"
+}
+trap finish EXIT
 rm -rf "$WORK"
 mkdir -p "$WORK"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -364,6 +392,79 @@ floor floor_zstd zstd -q -"$ZSTD_LEVEL" -T"$THREADS" -c
 if ((ours_avail)); then
     run_ours ours_zstd zstd "$ZSTD_LEVEL" || { ours_ok=0 && OURS_STATUS="failed (see notes)"; }
 fi
+# The tars are large: keep only what the size columns need.
+for n in ours_none ours_xz ours_zstd; do [[ -z ${ARTIFACT[$n]:-} ]] || rm -f "${ARTIFACT[$n]}"; done
+rm -f "$WORK"/floor_*.out "$WORK"/pipe.tar*
+
+# --- registry: cold vs warm blob cache; a variant sharing the base ---------------------------
+start_registry() {
+    local dir="$WORK/registry" port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    mkdir -p "$dir/data"
+    cat >"$dir/config.yml" <<EOF
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $dir/data}}
+http: {addr: "127.0.0.1:$port", secret: hakim-bench-only}
+EOF
+    docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
+    REG_PID=$!
+    REG="127.0.0.1:$port"
+    for _ in $(seq 200); do
+        curl -sf "http://$REG/v2/" >/dev/null && return 0
+        sleep 0.05
+    done
+    die "docker-registry did not answer on $REG (see $dir/log)"
+}
+# blob_bytes LAYOUT TAG: bytes of the config and layers of the tagged manifest
+blob_bytes() {
+    local digest
+    digest=$(jq -r --arg t "$2" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$1/index.json")
+    jq '[.config.size] + [.layers[].size] | add' "$1/blobs/${digest/://}"
+}
+# blob_digests LAYOUT TAG: the config and layer digests, one a line
+blob_digests() {
+    local digest
+    digest=$(jq -r --arg t "$2" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$1/index.json")
+    jq -r '.config.digest, .layers[].digest' "$1/blobs/${digest/://}"
+}
+declare -A REG_DL REG_REUSED
+# reg_convert NAME REF BLOB_CACHE: zstd like the ours zstd row, from the registry
+reg_convert() {
+    local name=$1 ref=$2 cache=$3
+    log "registry: hakim-convert $ref (cache $cache)"
+    measure "$name" "$BIN" convert "$ref" -o "$WORK/$name" --compression zstd --level "$ZSTD_LEVEL" \
+        --threads "$THREADS" --cache-dir "$cache" --json --quiet || return 1
+    REG_DL[$name]=$(jq '.source.registry.bytes_downloaded' "$WORK/$name.out")
+    REG_REUSED[$name]=$(jq '.source.registry.bytes_reused' "$WORK/$name.out")
+    rm -rf "${WORK:?}/$name"
+}
+reg_ok=0
+if ((no_registry == 0 && ours_avail)); then
+    start_registry
+    log "registry: pushing the image and a variant (one more layer) to $REG"
+    [[ -d $CACHE/rootfs/usr/share ]] || build_rootfs
+    skopeo copy --quiet "$IMAGE_REF" "oci:$WORK/variant-oci:variant"
+    umoci insert --image "$WORK/variant-oci:variant" --history.created_by "bench: variant layer /opt/variant" \
+        "$CACHE/rootfs/usr/share" /opt/variant
+    skopeo copy --quiet --dest-tls-verify=false --preserve-digests "$IMAGE_REF" "docker://$REG/bench/base:latest"
+    skopeo copy --quiet --dest-tls-verify=false --preserve-digests "oci:$WORK/variant-oci:variant" \
+        "docker://$REG/bench/variant:latest"
+    BASE_BLOBS=$(blob_bytes "$OCI" bench)
+    VARIANT_BLOBS=$(blob_bytes "$WORK/variant-oci" variant)
+    SHARED_BLOBS=0
+    while read -r d; do
+        SHARED_BLOBS=$((SHARED_BLOBS + $(stat -c %s "$OCI/blobs/${d/://}")))
+    done < <(comm -12 <(blob_digests "$OCI" bench | sort) <(blob_digests "$WORK/variant-oci" variant | sort))
+    rm -rf "$WORK/variant-oci"
+    if reg_convert reg_cold "$REG/bench/base:latest" "$WORK/blob-cache" &&
+        reg_convert reg_warm "$REG/bench/base:latest" "$WORK/blob-cache" &&
+        reg_convert reg_variant "$REG/bench/variant:latest" "$WORK/blob-cache"; then
+        reg_ok=1
+    fi
+    stop_registry
+    rm -rf "$WORK/registry" "$WORK/blob-cache"
+fi
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- derived figures -----------------------------------------------------------
@@ -405,7 +506,14 @@ TABLE=$(
     row "floor zstd" "\`zstd -$ZSTD_LEVEL -T$THREADS\` of $FLOOR_SRC" floor_zstd
 )
 
-verdict() { if le "$1" "$2"; then echo "met (target ≤ $2)"; else echo "**NOT met** (target ≤ $2)"; fi; }
+# verdict VALUE TARGET: met, or by how much it is missed
+verdict() {
+    if le "$1" "$2"; then
+        echo "met (target ≤ $2)"
+    else
+        echo "**NOT met** (target ≤ $2; $(awk -v a="$1" -v b="$2" 'BEGIN{printf "%.0f", (a/b-1)*100}') % over)"
+    fi
+}
 if ((ours_ok)); then
     R_XZ_PIPE=$(ratio "${WALL[ours_xz]}" "$PIPE_XZ_WALL")
     R_ZSTD_PIPE=$(ratio "${WALL[ours_zstd]}" "$PIPE_ZSTD_WALL")
@@ -413,10 +521,16 @@ if ((ours_ok)); then
     R_ZSTD_FLOOR=$(ratio "${WALL[ours_zstd]}" "${WALL[floor_zstd]}")
     OURS_RSS=$(maxf "$(maxf "${RSS[ours_xz]}" "${RSS[ours_zstd]}")" "${RSS[ours_none]}")
     RATIOS=$(
-        echo "| Ratio (wall time) | xz | zstd | Target |"
-        echo "|---|---:|---:|---|"
-        echo "| ours ÷ pipeline | $R_XZ_PIPE | $R_ZSTD_PIPE | < 1 (faster than lxc-oci) |"
-        echo "| ours ÷ floor | $R_XZ_FLOOR | $R_ZSTD_FLOOR | xz: $(verdict "$R_XZ_FLOOR" "$XZ_FLOOR_TARGET") |"
+        echo "| Ratio (wall time) | xz | zstd |"
+        echo "|---|---:|---:|"
+        echo "| ours ÷ pipeline | $R_XZ_PIPE | $R_ZSTD_PIPE |"
+        echo "| ours ÷ floor | $R_XZ_FLOOR | $R_ZSTD_FLOOR |"
+        echo
+        echo "| Target | Measured | Verdict |"
+        echo "|---|---:|---|"
+        echo "| xz: ours ÷ floor ≤ $XZ_FLOOR_TARGET | $R_XZ_FLOOR | $(verdict "$R_XZ_FLOOR" "$XZ_FLOOR_TARGET") |"
+        echo "| zstd: ours ÷ pipeline ≤ $ZSTD_PIPE_TARGET | $R_ZSTD_PIPE | $(verdict "$R_ZSTD_PIPE" "$ZSTD_PIPE_TARGET") |"
+        echo "| peak RSS at xz -$XZ_LEVEL ≤ $RSS_TARGET_MB MB | ${RSS[ours_xz]} MB | $(verdict "${RSS[ours_xz]}" "$RSS_TARGET_MB") |"
         echo
         echo "| Output size | xz | zstd |"
         echo "|---|---:|---:|"
@@ -425,13 +539,60 @@ if ((ours_ok)); then
         echo "| pipeline (MB) | $(mb "${SIZE[pipe_xz]}") | $(mb "${SIZE[pipe_zstd]}") |"
         echo "| ours ÷ floor | $(ratio "${SIZE[ours_xz]}" "${SIZE[floor_xz]}") | $(ratio "${SIZE[ours_zstd]}" "${SIZE[floor_zstd]}") |"
         echo
-        echo "Peak RSS of hakim-convert (max over the three runs): **$OURS_RSS MB** — $(verdict "$OURS_RSS" "$RSS_TARGET_MB")."
+        echo "Peak RSS of hakim-convert, max over the three local runs: $OURS_RSS MB."
     )
 else
     RATIOS="Ratios: not available — hakim-convert: $OURS_STATUS."
     for n in ours_none ours_xz ours_zstd; do
         [[ -z ${NOTE[$n]:-} ]] || RATIOS+=$'\n'"- $n: ${NOTE[$n]}: \`$(tail -n 2 "$WORK/$n.err" | tr '\n' ' ' | tr '|`' '/ ')\`"
     done
+fi
+
+if ((reg_ok)); then
+    reg_row() { # reg_row LABEL NAME
+        echo "| $1 | ${WALL[$2]} | ${CPU[$2]} | ${RSS[$2]} | $(mb "${REG_DL[$2]}") | $(mb "${REG_REUSED[$2]}") |"
+    }
+    REGISTRY=$(
+        echo "### Registry: cold vs warm cache, two images sharing a base"
+        echo
+        echo "\`hakim-convert convert 127.0.0.1:PORT/bench/…:latest --compression zstd --level $ZSTD_LEVEL"
+        echo "--threads $THREADS --cache-dir DIR\` against \`docker-registry\` on 127.0.0.1 (plain HTTP), one"
+        echo "blob cache for the three runs in this order. Downloaded / reused: blobs by digest (the"
+        echo "tag lookup is not counted)."
+        echo
+        echo "| Run | Wall (s) | CPU | Peak RSS (MB) | Downloaded (MB) | From cache (MB) |"
+        echo "|---|---:|---:|---:|---:|---:|"
+        reg_row "base image, cold (empty cache)" reg_cold
+        reg_row "base image again, warm (all blobs cached)" reg_warm
+        reg_row "variant = base + 1 layer, base cached" reg_variant
+        echo "| local layout (\`ours zstd\` above) | ${WALL[ours_zstd]} | ${CPU[ours_zstd]} | ${RSS[ours_zstd]} | – | – |"
+        echo
+        echo "Cold ÷ warm wall time: $(ratio "${WALL[reg_cold]}" "${WALL[reg_warm]}")."
+        echo "Two images sharing a base: base $(mb "$BASE_BLOBS") MB of blobs, variant $(mb "$VARIANT_BLOBS") MB"
+        echo "($(mb "$SHARED_BLOBS") MB shared); fetched for both: $(mb "$((REG_DL[reg_cold] + REG_DL[reg_variant]))") MB,"
+        echo "against $(mb "$((BASE_BLOBS + VARIANT_BLOBS))") MB without a shared cache."
+    )
+else
+    REGISTRY="Registry rows: not run$( ((no_registry)) && echo " (--no-registry)" || echo " (hakim-convert unavailable or failed; see the notes above)")."
+fi
+
+INIT_RESULTS="hakim-init rows: not run (HAKIM_BENCH_INIT=0)."
+if [[ ${HAKIM_BENCH_INIT:-1} == 1 ]]; then
+    log "hakim-init: ci/bench-init.sh"
+    INIT_LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+    if INIT_TABLE=$("$ROOT_DIR/ci/bench-init.sh" 2>"$WORK/bench-init.err"); then
+        INIT_RESULTS=$(
+            echo "### hakim-init"
+            echo
+            echo "\`ci/bench-init.sh\`: each figure in a PID namespace (\`unshare --pid --fork --mount --mount-proc\`,"
+            echo "chroot into a busybox root) with the fake agent; tini-static from Debian's \`tini\` as the"
+            echo "anchor. Load average before: $INIT_LOAD_START."
+            echo
+            echo "$INIT_TABLE"
+        )
+    else
+        INIT_RESULTS="hakim-init rows: ci/bench-init.sh failed: \`$(tail -n 3 "$WORK/bench-init.err" | tr '\n' ' ' | tr '|`' '/ ')\`"
+    fi
 fi
 
 CPU_MODEL=$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)
@@ -455,6 +616,10 @@ RESULTS=$(
 $TABLE
 
 $RATIOS
+
+$REGISTRY
+
+$INIT_RESULTS
 EOF
 )
 
@@ -462,39 +627,12 @@ echo
 echo "$RESULTS"
 
 if ((no_doc == 0)); then
+    # Everything above the marker (the description and the analysis) is kept as it is.
     BEGIN_MARK='<!-- bench-results:begin (ci/bench.sh rewrites everything below) -->'
     if [[ -f $DOC ]] && grep -qF "$BEGIN_MARK" "$DOC"; then
         awk -v m="$BEGIN_MARK" '{print} $0 == m {exit}' "$DOC" >"$DOC.tmp"
     else
-        cat >"$DOC.tmp" <<EOF
-# Benchmarks
-
-\`ci/bench.sh\` builds (once, cached under \`\${HAKIM_BENCH_CACHE:-/var/tmp/hakim-bench-cache}\`) a
-realistic image — a Debian trixie minbase rootfs plus one buildah layer per step: toolchain, git,
-python3 and other installs, cleanups that leave whiteouts (apt lists, docs, man pages, locales,
-\`__pycache__\`), metadata-only changes, hardlinks, a capability xattr and a replaced directory —
-exports it as a gzip OCI layout, and times each way of turning it into a Proxmox rootfs tarball
-with \`/usr/bin/time -v\` (wall time, CPU share — 200 % is both cores busy — and peak RSS; for pipes
-the RSS is that of the largest process). Other load on the machine lowers the CPU share.
-
-Rows:
-
-- **ours xz / zstd** — \`hakim-convert convert oci:DIR:bench --compression xz|zstd\` end to end:
-  read and verify every layer, merge whiteouts, write and compress the tar. Same level and thread
-  count as the other rows.
-- **ours none** — the same with \`--compression none\`: the cost of everything except compression.
-- **pipeline** — what LXC's \`lxc-oci\` template does: \`skopeo copy\` to a temporary layout,
-  \`umoci raw unpack\` to a directory, then \`tar --sort=name --numeric-owner | xz -T2 -6\`
-  (or \`| zstd -3 -T2\`). The totals add the three steps.
-- **floor** — \`xz -T2 -6\` / \`zstd -3 -T2\` of our uncompressed tar: the compressor alone, which
-  dominates. ours ÷ floor shows our overhead over it (target ≤ 1.10 for xz); ours ÷ pipeline
-  shows what we save over lxc-oci.
-
-Targets: ours ÷ floor ≤ 1.10 (xz wall time); peak RSS of hakim-convert ≤ 400 MB. Sizes are
-10⁶-byte MB.
-
-$BEGIN_MARK
-EOF
+        { [[ ! -f $DOC ]] || cat "$DOC"; echo; echo "$BEGIN_MARK"; } >"$DOC.tmp"
     fi
     {
         echo
@@ -502,11 +640,4 @@ EOF
     } >>"$DOC.tmp"
     mv "$DOC.tmp" "$DOC"
     log "wrote $DOC"
-fi
-
-# hakim-init figures (size, idle RSS, SIGTERM→exit) next to tini-static.
-if [ "${HAKIM_BENCH_INIT:-1}" = 1 ]; then
-    echo
-    echo "== hakim-init =="
-    "$(dirname "$0")/bench-init.sh"
 fi

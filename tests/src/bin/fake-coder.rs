@@ -4,8 +4,9 @@
 //! download check accepts it and a test can see which user ran the check.
 //!
 //! Any other invocation (`fake-coder agent`) behaves like the agent as far as PID 1 can tell:
-//! it appends a JSON line describing itself to the file named by `FAKE_CODER_RECORD` (argv,
-//! pid, ppid, ids, groups, cwd, umask, environment, blocked and ignored signal masks), then
+//! it appends a JSON line describing itself to the file named by `FAKE_CODER_RECORD` (the
+//! wall-clock time it started, argv, pid, ppid, ids, groups, cwd, umask, environment, blocked
+//! and ignored signal masks), then
 //! waits. SIGTERM, SIGINT and SIGHUP — the agent's graceful-shutdown signals — are recorded
 //! as `{"event":"signal",...}` and end it with status 0, after `FAKE_CODER_SHUTDOWN_MS`
 //! milliseconds if set (standing in for shutdown scripts). Knobs:
@@ -135,7 +136,13 @@ fn start_event(args: &[String]) -> String {
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
 
+    // When main began, for boot-time measurements (ci/bench-init.sh).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let mut out = String::from("{\"event\":\"start\"");
+    let _ = write!(out, ",\"t_unix_ns\":{now}");
     let _ = write!(out, ",\"pid\":{}", std::process::id());
     let _ = write!(out, ",\"ppid\":{}", field(&s, "PPid").next().unwrap_or("0"));
     let argv: Vec<String> = args.iter().map(|a| json_str(a)).collect();
