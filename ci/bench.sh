@@ -229,7 +229,7 @@ EOF
 # ---------------------------------------------------------------------------
 # Measurement helpers
 # ---------------------------------------------------------------------------
-declare -A WALL RSS CPU SIZE NOTE
+declare -A WALL RSS CPU CPUS SIZE NOTE
 
 # measure NAME CMD... : run under GNU time; stdout/stderr to $WORK/NAME.{out,err}
 measure() {
@@ -241,6 +241,8 @@ measure() {
     RSS[$name]=$(awk -F': ' '/Maximum resident set size/{printf "%.1f", $2*1024/1e6}' "$tf")
     # shellcheck disable=SC2034 # read through the nameref in cell()
     CPU[$name]=$(awk -F': ' '/Percent of CPU this job got/{print $2}' "$tf")
+    # User + system CPU seconds: the work done, which other load on the machine barely changes.
+    CPUS[$name]=$(awk -F': ' '/User time \(seconds\)|System time \(seconds\)/{s+=$2} END{printf "%.2f", s}' "$tf")
     if ((rc != 0)); then
         NOTE[$name]="FAILED (exit $rc)"
         log "$name failed (exit $rc): $(tail -n 3 "$WORK/$name.err" | tr '\n' ' ')"
@@ -470,6 +472,8 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 # --- derived figures -----------------------------------------------------------
 PIPE_XZ_WALL=$(sum3 "${WALL[pipe_copy]}" "${WALL[pipe_unpack]}" "${WALL[pipe_xz]}")
 PIPE_ZSTD_WALL=$(sum3 "${WALL[pipe_copy]}" "${WALL[pipe_unpack]}" "${WALL[pipe_zstd]}")
+PIPE_XZ_CPUS=$(sum3 "${CPUS[pipe_copy]}" "${CPUS[pipe_unpack]}" "${CPUS[pipe_xz]}")
+PIPE_ZSTD_CPUS=$(sum3 "${CPUS[pipe_copy]}" "${CPUS[pipe_unpack]}" "${CPUS[pipe_zstd]}")
 PIPE_XZ_RSS=$(maxf "$(maxf "${RSS[pipe_copy]}" "${RSS[pipe_unpack]}")" "${RSS[pipe_xz]}")
 PIPE_ZSTD_RSS=$(maxf "$(maxf "${RSS[pipe_copy]}" "${RSS[pipe_unpack]}")" "${RSS[pipe_zstd]}")
 
@@ -485,12 +489,12 @@ cell() { # cell NAME FIELD
 }
 size_cell() { if [[ -n ${SIZE[$1]:-} ]]; then mb "${SIZE[$1]}"; else echo "–"; fi; }
 row() { # row LABEL DESCRIPTION NAME
-    echo "| $1 | $2 | $(cell "$3" WALL) | $(cell "$3" CPU) | $(cell "$3" RSS) | $(size_cell "$3") |"
+    echo "| $1 | $2 | $(cell "$3" WALL) | $(cell "$3" CPU) | $(cell "$3" CPUS) | $(cell "$3" RSS) | $(size_cell "$3") |"
 }
 
 TABLE=$(
-    echo "| Row | What it measures | Wall (s) | CPU | Peak RSS (MB) | Output (MB) |"
-    echo "|---|---|---:|---:|---:|---:|"
+    echo "| Row | What it measures | Wall (s) | CPU | CPU time (s) | Peak RSS (MB) | Output (MB) |"
+    echo "|---|---|---:|---:|---:|---:|---:|"
     if ((no_ours == 0)); then
         row "ours xz" "\`hakim-convert convert --compression xz --level $XZ_LEVEL --threads $THREADS\`" ours_xz
         row "ours zstd" "\`hakim-convert convert --compression zstd --level $ZSTD_LEVEL --threads $THREADS\`" ours_zstd
@@ -500,8 +504,8 @@ TABLE=$(
     row "pipeline: umoci unpack" "\`umoci raw unpack\` to a directory" pipe_unpack
     row "pipeline: tar \\| xz" "\`tar --sort=name --numeric-owner \\| xz -T$THREADS -$XZ_LEVEL\`" pipe_xz
     row "pipeline: tar \\| zstd" "\`tar --sort=name --numeric-owner \\| zstd -$ZSTD_LEVEL -T$THREADS\`" pipe_zstd
-    echo "| **pipeline xz total** | copy + unpack + tar\\|xz | **$PIPE_XZ_WALL** | | $PIPE_XZ_RSS | $(mb "${SIZE[pipe_xz]}") |"
-    echo "| **pipeline zstd total** | copy + unpack + tar\\|zstd | **$PIPE_ZSTD_WALL** | | $PIPE_ZSTD_RSS | $(mb "${SIZE[pipe_zstd]}") |"
+    echo "| **pipeline xz total** | copy + unpack + tar\\|xz | **$PIPE_XZ_WALL** | | $PIPE_XZ_CPUS | $PIPE_XZ_RSS | $(mb "${SIZE[pipe_xz]}") |"
+    echo "| **pipeline zstd total** | copy + unpack + tar\\|zstd | **$PIPE_ZSTD_WALL** | | $PIPE_ZSTD_CPUS | $PIPE_ZSTD_RSS | $(mb "${SIZE[pipe_zstd]}") |"
     row "floor xz" "\`xz -T$THREADS -$XZ_LEVEL\` of $FLOOR_SRC" floor_xz
     row "floor zstd" "\`zstd -$ZSTD_LEVEL -T$THREADS\` of $FLOOR_SRC" floor_zstd
 )
@@ -521,10 +525,12 @@ if ((ours_ok)); then
     R_ZSTD_FLOOR=$(ratio "${WALL[ours_zstd]}" "${WALL[floor_zstd]}")
     OURS_RSS=$(maxf "$(maxf "${RSS[ours_xz]}" "${RSS[ours_zstd]}")" "${RSS[ours_none]}")
     RATIOS=$(
-        echo "| Ratio (wall time) | xz | zstd |"
+        echo "| Ratio | xz | zstd |"
         echo "|---|---:|---:|"
-        echo "| ours ÷ pipeline | $R_XZ_PIPE | $R_ZSTD_PIPE |"
-        echo "| ours ÷ floor | $R_XZ_FLOOR | $R_ZSTD_FLOOR |"
+        echo "| ours ÷ pipeline, wall time | $R_XZ_PIPE | $R_ZSTD_PIPE |"
+        echo "| ours ÷ floor, wall time | $R_XZ_FLOOR | $R_ZSTD_FLOOR |"
+        echo "| ours ÷ pipeline, CPU time | $(ratio "${CPUS[ours_xz]}" "$PIPE_XZ_CPUS") | $(ratio "${CPUS[ours_zstd]}" "$PIPE_ZSTD_CPUS") |"
+        echo "| ours ÷ floor, CPU time | $(ratio "${CPUS[ours_xz]}" "${CPUS[floor_xz]}") | $(ratio "${CPUS[ours_zstd]}" "${CPUS[floor_zstd]}") |"
         echo
         echo "| Target | Measured | Verdict |"
         echo "|---|---:|---|"
@@ -550,7 +556,7 @@ fi
 
 if ((reg_ok)); then
     reg_row() { # reg_row LABEL NAME
-        echo "| $1 | ${WALL[$2]} | ${CPU[$2]} | ${RSS[$2]} | $(mb "${REG_DL[$2]}") | $(mb "${REG_REUSED[$2]}") |"
+        echo "| $1 | ${WALL[$2]} | ${CPU[$2]} | ${CPUS[$2]} | ${RSS[$2]} | $(mb "${REG_DL[$2]}") | $(mb "${REG_REUSED[$2]}") |"
     }
     REGISTRY=$(
         echo "### Registry: cold vs warm cache, two images sharing a base"
@@ -560,12 +566,12 @@ if ((reg_ok)); then
         echo "blob cache for the three runs in this order. Downloaded / reused: blobs by digest (the"
         echo "tag lookup is not counted)."
         echo
-        echo "| Run | Wall (s) | CPU | Peak RSS (MB) | Downloaded (MB) | From cache (MB) |"
-        echo "|---|---:|---:|---:|---:|---:|"
+        echo "| Run | Wall (s) | CPU | CPU time (s) | Peak RSS (MB) | Downloaded (MB) | From cache (MB) |"
+        echo "|---|---:|---:|---:|---:|---:|---:|"
         reg_row "base image, cold (empty cache)" reg_cold
         reg_row "base image again, warm (all blobs cached)" reg_warm
         reg_row "variant = base + 1 layer, base cached" reg_variant
-        echo "| local layout (\`ours zstd\` above) | ${WALL[ours_zstd]} | ${CPU[ours_zstd]} | ${RSS[ours_zstd]} | – | – |"
+        echo "| local layout (\`ours zstd\` above) | ${WALL[ours_zstd]} | ${CPU[ours_zstd]} | ${CPUS[ours_zstd]} | ${RSS[ours_zstd]} | – | – |"
         echo
         echo "Cold ÷ warm wall time: $(ratio "${WALL[reg_cold]}" "${WALL[reg_warm]}")."
         echo "Two images sharing a base: base $(mb "$BASE_BLOBS") MB of blobs, variant $(mb "$VARIANT_BLOBS") MB"

@@ -82,7 +82,7 @@ fn all_ready() -> bool {
         && registry_ready()
         && converter_ready()
         && hakim_e2e::gate(
-            &["lxc-usernsexec", "newuidmap", "getfattr"]
+            &["lxc-usernsexec", "newuidmap"]
                 .iter()
                 .filter(|t| find_on_path(t).is_none())
                 .map(|t| t.to_string())
@@ -100,9 +100,21 @@ struct Artifacts {
     oci_archive: PathBuf,
 }
 
+/// Converts once; a failure is remembered, so the other tests fail at once with its message.
 fn artifacts() -> &'static Artifacts {
-    static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
-    ARTIFACTS.get_or_init(convert_from_registry)
+    static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+    let converted = ARTIFACTS.get_or_init(|| {
+        std::panic::catch_unwind(convert_from_registry).map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panicked".into())
+        })
+    });
+    match converted {
+        Ok(a) => a,
+        Err(e) => panic!("the shared conversion failed: {e}"),
+    }
 }
 
 /// Removes the artifact directories of earlier test processes that have exited (a static is
