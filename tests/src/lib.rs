@@ -597,6 +597,6 @@ pub fn is_artifact_name(name: &OsStr) -> bool {
 pub mod fault_proxy;
 pub mod images;
 pub mod lxc;
-pub mod pytools;
 pub mod pve;
+pub mod pytools;
 pub mod registry;

@@ -60,8 +60,8 @@ use hakim_e2e::lxc::{
 use hakim_e2e::pve::{self, OciContainer, UNPRIVILEGED_BASE};
 use hakim_e2e::registry::{converter_ready, registry_ready, Mode, Registry};
 use hakim_e2e::{
-    cache_dir, convert_to, converter_bin, find_on_path, hakim_like_image, run_ok, sha256_file,
-    workspace_root,
+    cache_dir, convert_to, converter_bin, hakim_like_image, missing_tools_or_root, run_ok,
+    sha256_file, workspace_root,
 };
 
 const TOKEN: &str = "e2e-pve-agent-token-5b1d9c";
@@ -81,13 +81,10 @@ fn all_ready() -> bool {
         && hakim_e2e::lxc::ready()
         && registry_ready()
         && converter_ready()
-        && hakim_e2e::gate(
-            &["lxc-usernsexec", "newuidmap"]
-                .iter()
-                .filter(|t| find_on_path(t).is_none())
-                .map(|t| t.to_string())
-                .collect::<Vec<_>>(),
-        )
+        && hakim_e2e::gate(&missing_tools_or_root(
+            &["lxc-usernsexec", "newuidmap"],
+            "extraction in a container's user namespace",
+        ))
 }
 
 // ---------------------------------------------------------------------------------------------
