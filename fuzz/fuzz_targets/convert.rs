@@ -1,0 +1,89 @@
+//! The whole `convert` job on a layer stack written as an OCI layout: a failed
+//! run leaves no file in the output directory; a successful one leaves exactly
+//! the artifact and `sha256sums.txt`, and the artifact is byte for byte what
+//! the in-memory flattener produces.
+#![no_main]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use hakim_convert::compress::OutputCompression;
+use hakim_convert::convert::{convert, ConvertOptions};
+use hakim_convert::sample::write_oci_layout;
+use hakim_fuzz::image::{flatten, resolved, FuzzImage};
+use hakim_fuzz::rootfs;
+use libfuzzer_sys::fuzz_target;
+
+fn scratch() -> tempfile::TempDir {
+    // tmpfs when there is one: this target writes a layout per input.
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().expect("a temporary directory")
+}
+
+/// Names in the output directory, the lock file aside (sorted).
+fn outputs(dir: &std::path::Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".sha256sums.lock")
+        .collect()
+}
+
+fuzz_target!(|data: &[u8]| {
+    let input = FuzzImage::parse(data);
+    let dir = scratch();
+    let layout = dir.path().join("layout");
+    let out = dir.path().join("out");
+    write_oci_layout(
+        &layout,
+        "fuzz:1",
+        "amd64",
+        &input.layers,
+        serde_json::json!({}),
+    )
+    .expect("writing the layout");
+    let opts = ConvertOptions {
+        source: format!("oci:{}:1", layout.display()),
+        output_dir: out.clone(),
+        platform: None,
+        compression: OutputCompression::None,
+        level: None,
+        threads: Some(1),
+        name: Some("fuzz".into()),
+        variant: None,
+        release: None,
+        source_date_epoch: input.clamp,
+        cancel: Arc::new(AtomicBool::new(false)),
+        progress: false,
+        registry: Default::default(),
+    };
+    match convert(&opts) {
+        Err(e) => {
+            assert!(!format!("{e:#}").is_empty());
+            let left = outputs(&out);
+            assert!(left.is_empty(), "a failed run left {left:?}");
+        }
+        Ok(summary) => {
+            assert!(!input.bad_diff_id, "a wrong diff_id was accepted");
+            assert_eq!(
+                outputs(&out),
+                BTreeSet::from(["fuzz.tar".to_string(), "sha256sums.txt".to_string()])
+            );
+            let artifact = std::fs::read(&summary.artifact).expect("the artifact");
+            rootfs::check(&artifact, Some(&summary.entries));
+            let sums = std::fs::read_to_string(out.join("sha256sums.txt")).unwrap();
+            assert_eq!(sums, format!("{}  fuzz.tar\n", summary.sha256));
+            let (expected, _) = flatten(&resolved(&input.layers), input.clamp)
+                .expect("what convert accepts, the flattener accepts");
+            assert!(artifact == expected, "convert and flatten disagree");
+        }
+    }
+});
