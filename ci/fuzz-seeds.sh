@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # Writes the fuzz seed corpora into fuzz/corpus/<target>/ (or $1): every layer
-# stack and OCI layout the converter's fixture tests build (they dump
+# stack, OCI layout and verified artifact the converter's fixture tests build (they dump
 # themselves when HAKIM_FUZZ_SEEDS is set), the service files under
 # images/services/, and representative account, env and registry inputs.
 # Seeds are named by content; re-running only adds what is new.
 set -euo pipefail
+shopt -s nullglob
 cd "$(dirname "$0")/.."
 out="${1:-fuzz/corpus}"
 sep='%%HAKIM%%'
 
-dump="$(mktemp -d)"
-trap 'rm -rf "$dump"' EXIT
-HAKIM_FUZZ_SEEDS="$dump" cargo test --quiet -p hakim-convert \
-  --test layer_rules --test artifact --test inputs >/dev/null 2>&1 || {
-  echo "fuzz-seeds: the converter fixture tests failed; run them first" >&2
-  exit 1
-}
+# The fixtures' dump: the one a test run already wrote (HAKIM_FUZZ_SEEDS, as
+# ci/test.sh sets it), else a run of the converter's fixture tests now.
+if [ -n "${HAKIM_FUZZ_SEEDS:-}" ] && [ -d "$HAKIM_FUZZ_SEEDS/flatten" ]; then
+  dump="$HAKIM_FUZZ_SEEDS"
+else
+  dump="$(mktemp -d)"
+  trap 'rm -rf "$dump"' EXIT
+  HAKIM_FUZZ_SEEDS="$dump" cargo test --quiet -p hakim-convert \
+    --test layer_rules --test artifact --test inputs --test verify --test agent_native \
+    >/dev/null 2>&1 || {
+    echo "fuzz-seeds: the converter fixture tests failed; run them first" >&2
+    exit 1
+  }
+fi
 
 # seed TARGET: stdin becomes one seed of TARGET, named by its sha256.
 seed() {
@@ -25,13 +33,18 @@ seed() {
   mv "$tmp" "$out/$1/$(sha256sum "$tmp" | cut -c1-64)"
 }
 
-# Large fixtures (100 kB files) slow every execution down without adding paths.
+# Large fixtures (100 kB files, 10,000 layers) slow every execution down
+# without adding paths: only seeds up to 64 KiB.
+small() { [ "$(stat -c %s "$1")" -le 65536 ]; }
 for f in "$dump"/flatten/*; do
-  [ "$(stat -c %s "$f")" -le 65536 ] || continue
+  small "$f" || continue
   seed flatten <"$f"
   seed convert <"$f"
+  # verify flattens a layer stack first when flag bit 3 is clear.
+  seed verify <"$f"
 done
-for f in "$dump"/manifest/*; do seed manifest <"$f"; done
+for f in "$dump"/manifest/*; do small "$f" && seed manifest <"$f"; done
+for f in "$dump"/verify/*; do small "$f" && seed verify <"$f"; done
 
 # Services: each shipped file alone, then all of them together.
 all=""

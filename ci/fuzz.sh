@@ -31,6 +31,7 @@ for t in $targets; do
   mkdir -p "corpus/$t" "artifacts/$t"
   before=$(find "artifacts/$t" -type f | wc -l)
   log="logs/$t.log"
+  started=$(date +%s)
   # One process, one job (the machine is shared); inputs up to 64 KiB;
   # a single input taking 10 s or 2 GB is a finding too.
   if cargo +nightly fuzz run --sanitizer "$sanitizer" "$t" "corpus/$t" -- \
@@ -41,10 +42,11 @@ for t in $targets; do
     result=CRASH
     status=1
   fi
+  elapsed=$(($(date +%s) - started))
   after=$(find "artifacts/$t" -type f | wc -l)
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   corpus=$(find "corpus/$t" -type f | wc -l)
-  rows+=("$(printf '%-18s %6ss %12s %8s %8s  %s' "$t" "$seconds" "${execs:-?}" "$corpus" "$((after - before))" "$result")")
+  rows+=("$(printf '%-18s %6ss %12s %8s %8s  %s' "$t" "$elapsed" "${execs:-?}" "$corpus" "$((after - before))" "$result")")
   if [ "$result" != ok ]; then
     grep -E "panicked|ERROR|SUMMARY|artifact_prefix|Test unit written" "$log" | head -20 >&2 || true
   fi

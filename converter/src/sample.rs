@@ -257,7 +257,10 @@ pub fn flatten_in_memory(
     let (stats, _) = flatten::emit(
         image,
         &mut index,
-        &EmitOptions { clamp_mtime: clamp },
+        &EmitOptions {
+            clamp_mtime: clamp,
+            names: flatten::NameStyle::Rootfs,
+        },
         &mut out,
         &mut |_| Ok::<(), io::Error>(()),
     )?;

@@ -8,7 +8,8 @@
 //! recomputed, so mutations of names, types and sizes get past the tar reader's
 //! checksum test and reach the merge); bit 1 = give the top layer a wrong
 //! diff_id (the run must fail and leave nothing); bit 2 = clamp mtimes
-//! (`SOURCE_DATE_EPOCH`).
+//! (`SOURCE_DATE_EPOCH`); bit 3 = the `convert` target writes an OCI archive,
+//! the `verify` target verifies the bytes after the flag byte as they are.
 
 use hakim_convert::sample::{BlobCompression, SampleLayer};
 use hakim_convert::tarstream::octal_or_binary;

@@ -1,8 +1,9 @@
 //! Every fixture doubles as a fuzz seed: with `HAKIM_FUZZ_SEEDS=DIR` set (see
 //! `ci/fuzz-seeds.sh`), the layer stacks tests build are written to
-//! `DIR/flatten/` and the layouts they convert to `DIR/manifest/`, in the input
-//! formats of the fuzz targets (`fuzz/src/image.rs`, `fuzz/fuzz_targets/manifest.rs`).
-//! Without the variable nothing happens.
+//! `DIR/flatten/`, the layouts they convert to `DIR/manifest/` and the
+//! artifacts they verify to `DIR/verify/`, in the input formats of the fuzz
+//! targets (`fuzz/src/image.rs`, `fuzz/fuzz_targets/manifest.rs`,
+//! `fuzz/fuzz_targets/verify.rs`). Without the variable nothing happens.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,14 @@ pub fn layers(layers: &[SampleLayer]) {
         seed.extend_from_slice(&l.tar);
     }
     save("flatten", &seed);
+}
+
+/// An artifact as `verify` reads it (flag bit 3: the bytes as they are). Large
+/// ones slow every execution down without adding paths.
+pub fn artifact(bytes: &[u8]) {
+    if bytes.len() <= 64 << 10 {
+        save("verify", &[&[8u8][..], bytes].concat());
+    }
 }
 
 /// `index.json`, then every JSON document it reaches (breadth first), with
