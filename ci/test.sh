@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The project's one test command (the README gives it; .ci/run calls it):
 # installs test dependencies, then formatting, lints (Rust, shell scripts,
-# GitHub workflows), unit, fixture and end-to-end tests against real tools.
+# GitHub workflows), unit, fixture and end-to-end tests against real tools,
+# then a short fuzzing smoke of every target (FUZZ_SMOKE_SECONDS each,
+# default 20; ci/fuzz.sh runs longer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,4 +15,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --quiet
 # HAKIM_E2E=1: a missing tool or privilege fails the end-to-end tests instead
 # of skipping them.
-HAKIM_E2E=1 cargo test --workspace --quiet
+# HAKIM_FUZZ_SEEDS: the converter's fixture tests also write themselves out
+# as fuzz seeds (converter/tests/common/fuzz_seeds.rs).
+seeds="$(mktemp -d)"
+trap 'rm -rf "$seeds"' EXIT
+HAKIM_E2E=1 HAKIM_FUZZ_SEEDS="$seeds" cargo test --workspace --quiet
+# Every fuzz target for a short while, from those seeds.
+HAKIM_FUZZ_SEEDS="$seeds" ci/fuzz.sh "${FUZZ_SMOKE_SECONDS:-20}"

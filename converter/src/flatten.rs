@@ -13,10 +13,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::layer::{self, LayerDesc, LayerStats, MemberKind};
-use crate::path::RelPath;
+use crate::path::{RelPath, MAX_NAME_BYTES, MAX_PATH_BYTES};
 use crate::source::ResolvedImage;
 use crate::tarout::{OutEntry, OutKind, TarWriter};
 use crate::tree::{Inode, InodeId, Kind, NodeId, Source, Tree, Xattr};
@@ -195,6 +195,20 @@ pub fn index_layer(index: &mut Index, image: &ResolvedImage, desc: &LayerDesc) -
     Ok(())
 }
 
+/// Why a path of the final tree could not be extracted, if it could not.
+/// Member names are checked as they are read, but parents resolved through
+/// symlinks can still make a longer path (`l/x` with `l` → a long target) or a
+/// longer component (taken from a symlink target).
+fn unextractable(path: &RelPath) -> Option<&'static str> {
+    if path.as_bytes().len() > MAX_PATH_BYTES {
+        Some("is longer than PATH_MAX (4095 bytes)")
+    } else if path.file_name().is_some_and(|n| n.len() > MAX_NAME_BYTES) {
+        Some("has a name longer than NAME_MAX (255 bytes)")
+    } else {
+        None
+    }
+}
+
 /// Counts reported in the summary.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct EmitStats {
@@ -254,6 +268,20 @@ fn filtered_xattrs(
 ) -> Vec<Xattr> {
     let mut kept = Vec::new();
     for (k, v) in inode.meta.xattrs.iter() {
+        // A SCHILY.xattr key ends at the first '=' and setxattr(2) names at a
+        // NUL: such a name (only LIBARCHIVE.xattr can bring one) cannot be
+        // written faithfully.
+        if k.contains(&b'=') || k.contains(&0) {
+            stats.xattrs_dropped += 1;
+            warns.add(
+                "xattrs dropped",
+                format!(
+                    "'{path}': xattr {:?} dropped (a name with '=' or NUL cannot be written)",
+                    String::from_utf8_lossy(k)
+                ),
+            );
+            continue;
+        }
         if xattr_survives(k) {
             kept.push((k.clone(), v.clone()));
         } else {
@@ -322,14 +350,22 @@ pub fn emit<W: Write>(
     let mut nlink: HashMap<InodeId, u32> = HashMap::new();
     let mut files: Vec<(Source, u64, NodeId)> = Vec::new();
     let mut visit_no = 0u64;
-    tree.visit(|_, node, inode| {
+    let mut bad_path = None;
+    tree.visit(|path, node, inode| {
         visit_no += 1;
+        if bad_path.is_none() {
+            bad_path = unextractable(path).map(|why| (path.clone(), why));
+        }
         match &tree.inode(inode).kind {
             Kind::Dir => {}
             Kind::File { source, .. } => files.push((*source, visit_no, node)),
             _ => *nlink.entry(inode).or_default() += 1,
         }
     });
+    if let Some((path, why)) = bad_path {
+        let head: String = path.to_string().chars().take(80).collect();
+        bail!("'{head}…' {why} once symlinked parents are resolved; it could not be extracted");
+    }
     files.sort_unstable();
 
     // Phase A: directories, symlinks, fifos.

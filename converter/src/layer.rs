@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 
 use crate::digest::{Digest, HashRead};
-use crate::path::RelPath;
+use crate::path::{RelPath, MAX_PATH_BYTES};
 use crate::tarstream::{parse_pax, TarStream};
 use crate::tree::{Meta, Xattr};
 use crate::whiteout::{self, Role};
@@ -282,6 +282,11 @@ pub fn gzip_is_single_member(blob: Box<dyn Read + Send>) -> Result<bool> {
     Ok(raw.fill_buf().context("cannot read blob")?.is_empty())
 }
 
+/// The latest mtime kept: a 64-bit `time_t`'s maximum. Larger values (base-256
+/// header fields reach 2^64) mean nothing on any file system and would not read
+/// back from the PAX record the artifact writes for them.
+pub const MAX_MTIME: u64 = i64::MAX as u64;
+
 /// A tar member reduced to what the merge needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -357,12 +362,13 @@ pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Me
         } else if key == b"gid" {
             gid = number(&value).unwrap_or(gid);
         } else if key == b"mtime" {
-            // PAX mtimes may be fractional or negative; keep whole seconds ≥ 0.
+            // PAX mtimes may be fractional, negative or huge; keep whole
+            // seconds ≥ 0 (clamped below, like base-256 header values).
             let v = lossy(&value);
             let whole = v.split('.').next().unwrap_or("0");
             mtime = whole
-                .parse::<i64>()
-                .map(|t| t.max(0) as u64)
+                .parse::<i128>()
+                .map(|t| t.clamp(0, MAX_MTIME as i128) as u64)
                 .unwrap_or(mtime);
         } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
             xattrs.push((name.into(), value.into()));
@@ -389,7 +395,7 @@ pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Me
         mode,
         uid,
         gid,
-        mtime,
+        mtime: mtime.min(MAX_MTIME),
         xattrs: xattrs.into(),
     };
     let device = |e: &LayerEntry<'_>| -> (u32, u32) {
@@ -405,10 +411,22 @@ pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Me
         // V7 archives mark directories with a trailing slash on a regular member.
         T::Regular if raw_name.ends_with(b"/") => MemberKind::Dir,
         T::Regular | T::Continuous | T::GNUSparse => MemberKind::File { size: entry.size() },
-        T::Symlink => MemberKind::Symlink(
-            link.ok_or_else(|| anyhow!("entry '{shown}': symlink without a target"))?
-                .into(),
-        ),
+        T::Symlink => {
+            let target =
+                link.ok_or_else(|| anyhow!("entry '{shown}': symlink without a target"))?;
+            // Only a PAX linkpath can carry one; no file system can store it.
+            if target.contains(&0) {
+                bail!("entry '{shown}': symlink target contains a NUL byte");
+            }
+            // symlink(2) refuses longer targets with ENAMETOOLONG.
+            if target.len() > MAX_PATH_BYTES {
+                bail!(
+                    "entry '{shown}': symlink target longer than {MAX_PATH_BYTES} bytes ({})",
+                    target.len()
+                );
+            }
+            MemberKind::Symlink(target.into())
+        }
         T::Link => {
             let target =
                 link.ok_or_else(|| anyhow!("entry '{shown}': hardlink without a target"))?;

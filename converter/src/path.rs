@@ -6,6 +6,12 @@
 
 use std::fmt;
 
+/// Longest path a Linux system call accepts (`PATH_MAX` without its NUL): a
+/// longer name could not be extracted.
+pub const MAX_PATH_BYTES: usize = 4095;
+/// Longest file name a Linux file system stores (`NAME_MAX`).
+pub const MAX_NAME_BYTES: usize = 255;
+
 /// A normalised path relative to the image root, stored joined (`a/b`, one
 /// allocation). The empty path is the root itself.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -20,6 +26,10 @@ pub enum PathError {
     Escapes,
     #[error("path contains a NUL byte")]
     Nul,
+    #[error("path longer than {MAX_PATH_BYTES} bytes")]
+    TooLong,
+    #[error("a path component longer than {MAX_NAME_BYTES} bytes")]
+    NameTooLong,
 }
 
 impl RelPath {
@@ -31,7 +41,9 @@ impl RelPath {
     ///
     /// `./a//b/` → `a/b`; `a/../b` → `b` (lexically, as Docker does); absolute names
     /// and anything that climbs above the root are refused rather than clamped, so a
-    /// hostile layer is reported instead of silently rewritten.
+    /// hostile layer is reported instead of silently rewritten. So are names no
+    /// Linux file system can hold (over [`MAX_PATH_BYTES`], or a component over
+    /// [`MAX_NAME_BYTES`]).
     pub fn parse(name: &[u8]) -> Result<Self, PathError> {
         if name.contains(&0) {
             return Err(PathError::Nul);
@@ -48,10 +60,15 @@ impl RelPath {
                         return Err(PathError::Escapes);
                     }
                 }
+                other if other.len() > MAX_NAME_BYTES => return Err(PathError::NameTooLong),
                 other => parts.push(other),
             }
         }
-        Ok(RelPath(parts.join(&b'/')))
+        let joined = parts.join(&b'/');
+        if joined.len() > MAX_PATH_BYTES {
+            return Err(PathError::TooLong);
+        }
+        Ok(RelPath(joined))
     }
 
     /// Builds a path from components that are already clean (no `/`, `.`, `..`).
@@ -163,6 +180,18 @@ mod tests {
         assert_eq!(norm("a/../../x"), Err(PathError::Escapes));
         assert_eq!(norm("./.."), Err(PathError::Escapes));
         assert_eq!(RelPath::parse(b"a\0b"), Err(PathError::Nul));
+    }
+
+    #[test]
+    fn refuses_what_no_file_system_holds() {
+        let name = "n".repeat(MAX_NAME_BYTES);
+        // 16 full components and their 15 slashes make exactly 4095 bytes.
+        let deep = vec![name.as_str(); 17].join("/");
+        assert_eq!(norm(&deep[..MAX_PATH_BYTES]).unwrap().len(), MAX_PATH_BYTES);
+        assert_eq!(norm(&deep[..MAX_PATH_BYTES + 2]), Err(PathError::TooLong));
+        assert_eq!(norm(&format!("a/{name}n")), Err(PathError::NameTooLong));
+        // Only what remains after normalising counts.
+        assert!(norm(&format!("{deep}/{}", "../".repeat(16))).is_ok());
     }
 
     #[test]

@@ -1,14 +1,19 @@
 //! Crafting images blob by blob: a layer builder that accepts any member name
-//! (hostile ones included) and an OCI layout writer. Used by `hakim-convert demo`
-//! and by the tests; nothing here touches the network.
+//! (hostile ones included), an OCI layout writer, and an image held in memory
+//! that both passes of the flattener can read. Used by `hakim-convert demo`, by
+//! the tests and by the fuzz targets; nothing here touches the network.
 
 use std::fs;
-use std::io::Write;
+use std::io::{self, Cursor, Read, Write};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Result;
 
 use crate::digest::Digest;
+use crate::flatten::{self, EmitOptions, EmitStats};
+use crate::layer::LayerDesc;
+use crate::source::{BlobStore, Platform, ResolvedImage};
 use crate::tarout::{OutEntry, OutKind, TarWriter};
 use crate::tree::Xattr;
 
@@ -186,6 +191,80 @@ impl SampleLayer {
             media_type: media_type.into(),
         }
     }
+}
+
+/// Bytes shared between the store and every reader it hands out.
+#[derive(Clone)]
+struct Shared(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Layer blobs held in memory, by layer index.
+struct MemBlobs(Vec<Shared>);
+
+impl BlobStore for MemBlobs {
+    fn open_layer(&self, layer: &LayerDesc) -> Result<Box<dyn Read + Send>> {
+        Ok(Box::new(Cursor::new(self.0[layer.index].clone())))
+    }
+}
+
+/// An image over `layers`, held in memory, described as a registry or layout
+/// would: blob digest and size from each blob, diff_id from its tar.
+pub fn in_memory_image(layers: &[SampleLayer]) -> ResolvedImage {
+    let descs = layers
+        .iter()
+        .enumerate()
+        .map(|(index, l)| LayerDesc {
+            index,
+            digest: Some(Digest::of_bytes(&l.blob)),
+            size: Some(l.blob.len() as u64),
+            media_type: l.media_type.clone(),
+            diff_id: Digest::of_bytes(&l.tar),
+        })
+        .collect();
+    ResolvedImage {
+        reference: "memory".into(),
+        repository: None,
+        tag: None,
+        manifest_digest: None,
+        config_digest: None,
+        config_json: Vec::new(),
+        config: Default::default(),
+        platform: Platform::default(),
+        layers: descs,
+        blobs: Box::new(MemBlobs(
+            layers
+                .iter()
+                .map(|l| Shared(Arc::new(l.blob.clone())))
+                .collect(),
+        )),
+        warnings: Vec::new(),
+    }
+}
+
+/// Both passes of the flattener into memory: the uncompressed rootfs tar and
+/// its counts. `clamp` is `SOURCE_DATE_EPOCH`.
+pub fn flatten_in_memory(
+    image: &ResolvedImage,
+    clamp: Option<u64>,
+) -> Result<(Vec<u8>, EmitStats)> {
+    let mut index = flatten::index_layers(image, clamp.unwrap_or(0), &mut |_, _| {})?;
+    let mut out = TarWriter::new(Vec::new());
+    let (stats, _) = flatten::emit(
+        image,
+        &mut index,
+        &EmitOptions {
+            clamp_mtime: clamp,
+            names: flatten::NameStyle::Rootfs,
+        },
+        &mut out,
+        &mut |_| Ok::<(), io::Error>(()),
+    )?;
+    Ok((out.finish()?, stats))
 }
 
 fn put_blob(dir: &Path, bytes: &[u8]) -> Result<Digest> {

@@ -105,7 +105,8 @@ impl Tap {
     }
 }
 
-fn octal_or_binary(field: &[u8]) -> Option<u64> {
+/// A numeric header field: octal text, or GNU base-256 when the top bit is set.
+pub fn octal_or_binary(field: &[u8]) -> Option<u64> {
     if field.first().is_some_and(|b| b & 0x80 != 0) {
         // GNU base-256: big-endian, the top bit of the first byte is a flag.
         let mut v: u64 = (field[0] & 0x7f) as u64;

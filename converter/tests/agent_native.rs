@@ -131,6 +131,7 @@ fn list_bytes(tar: &[u8], dir: &Path) -> Vec<String> {
 }
 
 fn assert_verified(path: &Path) -> verify::Report {
+    common::fuzz_seeds::artifact(&std::fs::read(path).unwrap());
     let report = verify::verify(path).unwrap();
     let failed: Vec<_> = report.failures().collect();
     assert!(failed.is_empty(), "{}: {failed:#?}", path.display());

@@ -1,6 +1,8 @@
 //! `hakim-convert verify` on crafted artifacts: a good baseline passes, and each
 //! fault fails exactly the rule written for it.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +17,7 @@ fn failed(report: &Report) -> Vec<String> {
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    common::fuzz_seeds::artifact(bytes);
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
     p

@@ -101,11 +101,19 @@ pub fn run(args: &[String]) -> i32 {
     let mut sup = Supervisor::new(is_pid1);
     sup.final_grace = secs_env(&merged, "HAKIM_FINAL_GRACE", Duration::from_secs(3));
     sup.agent_recheck = secs_env(&merged, "HAKIM_AGENT_RECHECK", Duration::from_secs(60));
-    let public_env: Vec<(String, String)> = merged
-        .iter()
-        .filter(|(k, _)| !crate::agent_config::is_secret_env(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let (public_env, too_big) = env::without_oversized(
+        merged
+            .iter()
+            .filter(|(k, _)| !crate::agent_config::is_secret_env(k))
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    for (name, len) in too_big {
+        log(format!(
+            "environment variable {name} is {len} bytes, more than the {} KiB a program \
+             can be started with; not passed to any child",
+            env::MAX_ENV_STRING / 1024
+        ));
+    }
 
     let loaded = services::load(Path::new(services::SERVICES_DIR), &merged, &|p| p.exists());
     for note in &loaded.notes {

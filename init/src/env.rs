@@ -62,6 +62,32 @@ pub fn merge(
     env
 }
 
+/// The kernel refuses to `execve` any program when one `NAME=value` string,
+/// NUL included, is longer than this (`MAX_ARG_STRLEN`: 32 pages).
+pub const MAX_ENV_STRING: usize = 32 * 4096;
+
+/// Variables as children get them, in order.
+pub type EnvList = Vec<(String, String)>;
+
+/// Splits off the variables no child could be started with (see
+/// [`MAX_ENV_STRING`]): one such variable would make every `execve` fail with
+/// E2BIG. Returns what to pass on, and the names and sizes of what was held back.
+pub fn without_oversized(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> (EnvList, Vec<(String, usize)>) {
+    let mut kept = Vec::new();
+    let mut dropped = Vec::new();
+    for (k, v) in vars {
+        let len = k.len() + 1 + v.len() + 1;
+        if len > MAX_ENV_STRING {
+            dropped.push((k, len));
+        } else {
+            kept.push((k, v));
+        }
+    }
+    (kept, dropped)
+}
+
 /// `1`, `true`, `yes`, `on` (any case) are true; everything else false.
 pub fn truthy(value: &str) -> bool {
     matches!(
@@ -110,6 +136,26 @@ pub fn expand(input: &str, env: &Env) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oversized_variables_are_held_back() {
+        let fits = "v".repeat(MAX_ENV_STRING - "BIG=".len() - 1);
+        let (kept, dropped) = without_oversized([
+            ("A".to_string(), "1".to_string()),
+            ("BIG".to_string(), "x".repeat(1 << 20)),
+            ("EDGE".to_string(), fits[1..].to_string()),
+            ("OVER".to_string(), fits.clone()),
+        ]);
+        let names: Vec<&str> = kept.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["A", "EDGE"]);
+        assert_eq!(
+            dropped,
+            [
+                ("BIG".to_string(), (1 << 20) + 5),
+                ("OVER".to_string(), MAX_ENV_STRING + 1)
+            ]
+        );
+    }
 
     #[test]
     fn layering_order() {

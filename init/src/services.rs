@@ -263,7 +263,7 @@ pub fn parse(
 
 /// Orders services so dependencies start first (stable by file name otherwise).
 /// Unknown `after` names are dropped with a note; a cycle is broken with a note.
-fn order(services: Vec<Service>) -> (Vec<Service>, Vec<String>) {
+pub fn order(services: Vec<Service>) -> (Vec<Service>, Vec<String>) {
     let mut notes = Vec::new();
     let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
     let mut pending: Vec<Service> = services

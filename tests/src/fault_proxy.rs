@@ -5,7 +5,8 @@
 //! [`crate::registry::Registry`] (plain or token mode), one request per connection
 //! (`Connection: close` both ways). Blob `GET`s (`/v2/<name>/blobs/sha256:<hex>`) that the
 //! registry answers `200` or `206` may be spoiled by a [`Rule`]: for one digest or any blob,
-//! for the first N matching requests or all of them, with a [`Fault`]:
+//! for the first N matching requests or all of them, with a [`Fault`]; so may manifest `GET`s
+//! ([`Rule::manifests`]):
 //!
 //! * [`Fault::ResetAfter`]: the real headers, K body bytes, a pause, then a TCP reset
 //!   (`SO_LINGER` 0);
@@ -18,7 +19,10 @@
 //!   whether an `Authorization` header arrived and serves the blob bytes the proxy fetched from
 //!   the registry (honouring `Range`);
 //! * [`Fault::IgnoreRange`]: the `Range` header is dropped before forwarding, so a ranged
-//!   request gets `200` and the whole body.
+//!   request gets `200` and the whole body;
+//! * [`Fault::Html`]: `200` with a `text/html` login page instead of the content;
+//! * [`Fault::Endless`]: `200` without a length, the real body, then zeros until the client
+//!   hangs up (at most 1 GiB).
 //!
 //! Uploads (`POST`, `PATCH`, `PUT` under `/v2/<name>/blobs/uploads/`) may be spoiled by an
 //! [`UploadRule`], after letting a number of matching requests through, with an [`UploadFault`]:
@@ -66,6 +70,10 @@ pub enum Fault {
     Redirect,
     /// Forward without the `Range` header (the registry answers `200` with the whole body).
     IgnoreRange,
+    /// `200` with an HTML login page (a captive portal or a proxy's sign-in).
+    Html,
+    /// `200`, no `Content-Length`, the body followed by zeros that never end (1 GiB cap).
+    Endless,
 }
 
 /// What to do to an upload request (see the module docs).
@@ -95,6 +103,12 @@ pub struct UploadRule {
     pub fault: UploadFault,
 }
 
+/// The [`Rule::digest`] that stands for every manifest `GET`.
+const MANIFESTS: &str = "manifests";
+
+/// Most an [`Fault::Endless`] answer sends before giving up on the client.
+const ENDLESS_CAP: usize = 1 << 30;
+
 /// A fault for the blob `digest` (`sha256:…`; `None`: any blob), applied to the first
 /// `times` matching requests (`None`: all of them).
 #[derive(Clone, Debug)]
@@ -111,6 +125,11 @@ impl Rule {
             times,
             fault,
         }
+    }
+
+    /// A fault for manifest `GET`s (by tag or digest) instead of a blob.
+    pub fn manifests(times: Option<usize>, fault: Fault) -> Rule {
+        Rule::new(MANIFESTS, times, fault)
     }
 }
 
@@ -575,12 +594,20 @@ fn take_upload_fault(shared: &Shared, req: &Request) -> Option<UploadFault> {
     Some(rule.fault.clone())
 }
 
-/// The first rule for a blob `GET` of `digest` with uses left (its index).
+/// The first rule with uses left for a blob `GET` of `digest`, or for a manifest `GET`
+/// when `digest` is [`MANIFESTS`] (its index). A rule without digest is for any blob.
 fn find_rule(rules: &[Rule], digest: &str) -> Option<usize> {
-    rules
-        .iter()
-        .position(|r| r.times != Some(0) && r.digest.as_deref().is_none_or(|d| d == digest))
+    rules.iter().position(|r| {
+        r.times != Some(0)
+            && match r.digest.as_deref() {
+                None => digest != MANIFESTS,
+                Some(d) => d == digest,
+            }
+    })
 }
+
+const LOGIN_PAGE: &str = "<!DOCTYPE html>\n<html><head><title>Sign in to continue</title></head>\
+<body><form action=\"/login\"><input name=\"user\"></form></body></html>\n";
 
 // ---------------------------------------------------------------------------------------------
 // The proxy
@@ -608,7 +635,13 @@ fn serve_proxy(mut conn: TcpStream, shared: &Shared) {
         return;
     }
     let digest = (req.method == "GET")
-        .then(|| seen.blob().map(str::to_string))
+        .then(|| {
+            seen.blob().map(str::to_string).or_else(|| {
+                req.target
+                    .contains("/manifests/")
+                    .then(|| MANIFESTS.to_string())
+            })
+        })
         .flatten();
     let candidate = digest.as_deref().and_then(|d| {
         let rules = lock(&shared.rules);
@@ -700,6 +733,27 @@ fn serve_proxy(mut conn: TcpStream, shared: &Shared) {
                     break;
                 }
                 seen.body_bytes += chunk.len();
+            }
+        }
+        Some(Fault::Html) => {
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{LOGIN_PAGE}",
+                LOGIN_PAGE.len()
+            );
+            let _ = write(&mut conn, resp.as_bytes());
+            seen.body_bytes = LOGIN_PAGE.len();
+        }
+        Some(Fault::Endless) => {
+            let mut head = head_with_length(&up, 0);
+            head = head.replace("Content-Length: 0\r\n", "");
+            let _ = write(&mut conn, head.as_bytes());
+            if write(&mut conn, body).is_ok() {
+                seen.body_bytes = body.len();
+                let zeros = vec![0u8; 64 * 1024];
+                while seen.body_bytes < ENDLESS_CAP && write(&mut conn, &zeros).is_ok() {
+                    seen.body_bytes += zeros.len();
+                }
             }
         }
         Some(Fault::Redirect) => {

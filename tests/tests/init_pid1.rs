@@ -1328,3 +1328,146 @@ fn missing_token_file_is_reported_until_it_appears_and_services_keep_running() {
     assert!(init.signal(SIGTERM));
     assert_eq!(code(init.wait_exit(Duration::from_secs(20))), Some(0));
 }
+
+/// SIGTERM, then exit 0 within 20 s.
+fn stop_cleanly(init: &mut Init) {
+    assert!(init.signal(SIGTERM));
+    assert_eq!(
+        code(init.wait_exit(Duration::from_secs(20))),
+        Some(0),
+        "{}",
+        init.transcript()
+    );
+}
+
+/// The serial lock when the PID 1 tests can run here.
+fn ready() -> Option<std::sync::MutexGuard<'static, ()>> {
+    init_ready().then(serial)
+}
+
+#[test]
+fn oversized_environment_variable_is_held_back_and_children_start() {
+    let Some(_g) = ready() else { return };
+    let root = Rootfs::new();
+    // No process can be started with a 1 MiB variable (execve allows 128 KiB per string), so
+    // it can only arrive through the image env file.
+    root.write(
+        "etc/hakim/image.env",
+        &format!("SMALL=kept\nBIG={}\n", "x".repeat(1 << 20)),
+    );
+    root.service("ok", &toml_command(&["sh", "-c", "echo ok-up; sleep 1000"]));
+    let mut init = Init::start(&root, &[], None);
+    init.wait_line("[ok] ok-up", Duration::from_secs(10));
+    let line = init.wait_line("environment variable BIG", Duration::from_secs(5));
+    assert!(
+        line.text.contains("1048581 bytes") && line.text.contains("not passed to any child"),
+        "{}",
+        line.text
+    );
+    let sleeper = init.wait_proc(Duration::from_secs(5), |p| p.cmd() == "sleep 1000");
+    let env = String::from_utf8_lossy(&environ(sleeper.pid).unwrap_or_default()).into_owned();
+    assert!(env.contains("SMALL=kept"), "{env}");
+    assert!(
+        !env.contains("BIG="),
+        "the oversized variable reached a child"
+    );
+    stop_cleanly(&mut init);
+}
+
+/// `ROOT/etc` bind-mounted read-only on the host for the guard's life: the PID
+/// namespace's mount namespace is a copy, so hakim-init sees a read-only `/etc`.
+struct ReadOnlyEtc(std::path::PathBuf);
+
+impl ReadOnlyEtc {
+    fn new(root: &Rootfs) -> ReadOnlyEtc {
+        let etc = root.path("etc");
+        let run = |args: &[&str]| {
+            let st = std::process::Command::new("mount")
+                .args(args)
+                .arg(&etc)
+                .arg(&etc)
+                .status()
+                .expect("mount");
+            assert!(st.success(), "mount {args:?} failed");
+        };
+        run(&["--bind"]);
+        let guard = ReadOnlyEtc(etc.clone());
+        run(&["-o", "remount,bind,ro"]);
+        guard
+    }
+}
+
+impl Drop for ReadOnlyEtc {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn read_only_etc_is_reported_and_the_workspace_still_starts() {
+    let Some(_g) = ready() else { return };
+    let server = Server::start(Vec::new(), fake_coder_reply());
+    let root = Rootfs::new();
+    root.service("ok", &toml_command(&["sh", "-c", "echo ok-up; sleep 1000"]));
+    let passwd = root.read("etc/passwd").unwrap();
+    let env = agent_env(&server.url());
+    {
+        let _ro = ReadOnlyEtc::new(&root);
+        assert!(std::fs::write(root.path("etc/probe"), "x").is_err());
+        let mut init = Init::start(&root, &borrow(&env), None);
+        let line = init.wait_line("user coder:", Duration::from_secs(10));
+        assert!(
+            line.text.contains("/etc is not writable")
+                && line.text.contains("running as 1000:1000"),
+            "{}",
+            line.text
+        );
+        init.wait_line("[ok] ok-up", Duration::from_secs(10));
+        let start = wait_starts(&root, &init, 1, Duration::from_secs(20))
+            .pop()
+            .unwrap();
+        assert_eq!(start["uid"], serde_json::json!([1000, 1000, 1000, 1000]));
+        stop_cleanly(&mut init);
+    }
+    // Nothing was changed or left behind in /etc.
+    assert_eq!(root.read("etc/passwd").unwrap(), passwd);
+    let etc: Vec<String> = std::fs::read_dir(root.path("etc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("hakim-new"))
+        .collect();
+    assert!(etc.is_empty(), "temporary files left in /etc: {etc:?}");
+}
+
+#[test]
+fn token_file_readable_by_others_is_warned_and_used() {
+    let Some(_g) = ready() else { return };
+    let server = Server::start(Vec::new(), fake_coder_reply());
+    let root = Rootfs::new();
+    root.write("var/lib/coder-token", &format!("{TOKEN}\n"));
+    std::fs::set_permissions(
+        root.path("var/lib/coder-token"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let url = server.url();
+    let env = [
+        ("CODER_AGENT_URL", url.as_str()),
+        ("CODER_AGENT_TOKEN_FILE", "/var/lib/coder-token"),
+        ("FAKE_CODER_RECORD", RECORD),
+        ("HAKIM_INIT_VERBOSE", "1"),
+    ];
+    let mut init = Init::start(&root, &env, None);
+    let line = init.wait_line("readable by group or others", Duration::from_secs(10));
+    assert!(
+        line.text.contains("/var/lib/coder-token") && line.text.contains("0644"),
+        "{}",
+        line.text
+    );
+    assert!(!line.text.contains(TOKEN), "the token leaked into the log");
+    let start = wait_starts(&root, &init, 1, Duration::from_secs(20))
+        .pop()
+        .unwrap();
+    assert_eq!(start["argv"][1], "agent");
+    stop_cleanly(&mut init);
+}

@@ -2,7 +2,7 @@
 //! image through [`FaultProxy`] (`tests/src/fault_proxy.rs`), a plain-HTTP reverse proxy on
 //! 127.0.0.1 in front of Debian's `docker-registry`, which spoils blob downloads: a reset
 //! mid-body, truncated bodies, 500s, a 429 with `Retry-After`, wrong content, a slow trickle, a
-//! redirect to another port, a `Range` ignored.
+//! redirect to another port, a `Range` ignored, an HTML login page, a body that never ends.
 //!
 //! Each conversion must either succeed by retry or resume, with an artifact byte-identical
 //! (sha256) to the conversion of the same image from its local `oci:` layout, or fail with a
@@ -476,4 +476,82 @@ fn ignored_range_restarts_from_zero() {
         "no ranged request answered 200 with the whole body: {:#?}",
         summary(&gets)
     );
+}
+
+/// Manifest `GET`s the proxy received.
+fn manifest_gets(s: &Setup) -> Vec<Seen> {
+    s.proxy
+        .seen()
+        .into_iter()
+        .filter(|g| g.method == "GET" && g.path.contains("/manifests/"))
+        .collect()
+}
+
+/// A failing conversion through the proxy with `rule` in force: clean failure, the
+/// message holds `expect`, and it came at once (no retry of what cannot improve).
+fn refused_at_once(s: &Setup, rule: Rule, what: &str, expect: &str) -> Vec<Seen> {
+    s.proxy.clear_rules();
+    s.proxy.clear_seen();
+    let manifests = rule.digest.as_deref() != Some(s.blob.0.as_str());
+    s.proxy.add_rule(rule);
+    let cache = scratch_dir("cache-");
+    let (out, outdir, secs) = s.convert_any(cache.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let gets = if manifests {
+        manifest_gets(s)
+    } else {
+        s.proxy.blob_gets(&s.blob.0)
+    };
+    eprintln!(
+        "{what}: exit {} in {secs:.2} s; GETs {:#?}\n{}",
+        out.status,
+        summary(&gets),
+        stderr.trim()
+    );
+    assert_clean_failure(s, &out, outdir.path(), cache.path(), what);
+    assert!(
+        stderr.contains(expect),
+        "{what}: expected '{expect}' in:\n{stderr}"
+    );
+    assert_eq!(gets.len(), 1, "{what}: retried: {:#?}", summary(&gets));
+    gets
+}
+
+#[test]
+fn html_page_instead_of_a_manifest_or_a_blob_is_refused() {
+    let _guard = serial();
+    let Some(s) = setup(Mode::Plain) else { return };
+    refused_at_once(
+        &s,
+        Rule::manifests(None, Fault::Html),
+        "HTML manifest",
+        "HTML page instead of a manifest",
+    );
+    refused_at_once(
+        &s,
+        Rule::new(&s.blob.0, None, Fault::Html),
+        "HTML blob",
+        "HTML page instead of the blob",
+    );
+}
+
+#[test]
+fn endless_blob_or_manifest_is_cut_at_its_limit() {
+    let _guard = serial();
+    let Some(s) = setup(Mode::Plain) else { return };
+    let gets = refused_at_once(
+        &s,
+        Rule::new(&s.blob.0, None, Fault::Endless),
+        "endless blob",
+        &format!("more than the {} bytes the descriptor declares", s.blob.1),
+    );
+    // The client hung up long before the proxy's 1 GiB cap (socket buffers aside).
+    assert!(gets[0].body_bytes < 64 << 20, "{:#?}", summary(&gets));
+    let gets = refused_at_once(
+        &s,
+        Rule::manifests(None, Fault::Endless),
+        "endless manifest",
+        "manifest is larger than 4194304 bytes",
+    );
+    assert!(gets[0].body_bytes < 64 << 20, "{:#?}", summary(&gets));
 }

@@ -9,12 +9,15 @@ use hakim_convert::compress::OutputCompression;
 use hakim_convert::convert::{convert, ConvertOptions, Summary};
 use hakim_convert::sample::{write_oci_layout, SampleLayer};
 
+pub mod fuzz_seeds;
+
 pub struct Fixture {
     pub dir: tempfile::TempDir,
 }
 
 impl Fixture {
     pub fn new(layers: &[SampleLayer]) -> Self {
+        fuzz_seeds::layers(layers);
         let dir = tempfile::tempdir().unwrap();
         write_oci_layout(
             &dir.path().join("layout"),
@@ -36,6 +39,7 @@ impl Fixture {
     }
 
     pub fn options(&self, compression: OutputCompression) -> ConvertOptions {
+        fuzz_seeds::layout(&self.layout());
         ConvertOptions {
             compression,
             threads: Some(1),
