@@ -62,8 +62,7 @@ parts() {
   local target="$1" flags="$2"
   shift 2
   {
-    # shellcheck disable=SC2059 # the format is built from hex escapes on purpose
-    printf "$(printf '%s' "$flags" | sed 's/../\\x&/g')"
+    printf '%b' "$(printf '%s' "$flags" | sed 's/../\\x&/g')"
     local first=1
     for part in "$@"; do
       [ "$first" = 1 ] || printf '%s\n' "$sep"
@@ -119,7 +118,7 @@ not a var
 1BAD=x
 EMPTY=
 '
-# shellcheck disable=SC2016 # the literal ${...} text is the seed
+# shellcheck disable=SC2016 # the $-expressions are for hakim-init to expand
 env_seed 00 "$env_file" "https://coder.example.com" "5f2c1c2e-aaaa-4bbb-8ccc-0123456789ab" "" "" "" "" '${HOME}/x ${MISSING:-d} $$ $X ${'
 env_seed 06 "" "http://[::1]:3000/coder/" "" "" "" "token" "" "plain"
 env_seed 01 "" "https://CODER.example.com:443//" "" "/run/secrets/token" "" "" "tok-from-file"$'\n' ""
