@@ -453,28 +453,10 @@ fn serve_in_netns(ct: &Container, init: u32, agent: &Arc<Vec<u8>>) -> AgentServe
         .unwrap_or_else(|e| panic!("{e}\n{}", ct.diagnostics()))
 }
 
-// ---------------------------------------------------------------------------------------------
-// One container
-// ---------------------------------------------------------------------------------------------
-
-fn run_case(test: &str, template: Template, unprivileged: bool) {
-    let _serial = serial();
-    if !all_ready() {
-        return;
-    }
+/// Creates the root file system as Proxmox does for the template (and, for an OCI archive,
+/// checks how its config maps).
+fn create_rootfs(ct: &Container, template: Template, idmap: Option<u32>) -> Option<OciContainer> {
     let artifacts = artifacts();
-    let bins = binaries();
-    let agent = bins.fake_coder_bytes();
-    let idmap = unprivileged.then_some(UNPRIVILEGED_BASE);
-    let offset = idmap.unwrap_or(0);
-    if unprivileged {
-        for note in ensure_subids(u64::from(UNPRIVILEGED_BASE), 65536) {
-            println!("NOTE: {note}");
-        }
-    }
-
-    // Create the root file system as Proxmox does.
-    let mut ct = Container::new(test);
     pve::prepare_rootdir(&ct.rootfs, idmap);
     let t = Instant::now();
     let oci = match template {
@@ -496,6 +478,65 @@ fn run_case(test: &str, template: Template, unprivileged: bool) {
         ct.name,
         t.elapsed().as_secs_f64()
     );
+    oci
+}
+
+/// After the first boot: the agent's host uid, the token kept from every other process, the
+/// fresh home volume given to the user; for an OCI container PID 1's cwd (WorkingDir) and
+/// exactly one `/dev/shm` mount (Proxmox's entry; hakim-init must not add another).
+fn check_first_boot(ct: &Container, offset: u32, oci: bool) {
+    let init = ct.init_pid().unwrap();
+    let agent_pid = children_of(init)
+        .into_iter()
+        .find(|p| cmdline(*p).starts_with(AGENT_BIN))
+        .unwrap_or_else(|| panic!("no agent process under {init}\n{}", ct.diagnostics()));
+    assert_eq!(
+        proc_status_field(agent_pid, "Uid").unwrap(),
+        vec![(1000 + offset).to_string(); 4],
+        "host uids of the agent"
+    );
+    check_token_stays_with_agent(ct);
+    let home = ct.rootfs.join("home/coder");
+    let m = fs::metadata(&home).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777),
+        (1000 + offset, 1000 + offset, 0o755),
+        "the volume's root must become the user's\n{}",
+        ct.diagnostics()
+    );
+    assert!(home.join(".profile").is_file(), "skel not copied");
+    if oci {
+        let cwd = fs::read_link(format!("/proc/{init}/cwd")).unwrap();
+        assert_eq!(cwd, Path::new("/home/coder"), "PID 1's cwd");
+        let mounts = fs::read_to_string(format!("/proc/{init}/mountinfo")).unwrap();
+        let shm = mounts
+            .lines()
+            .filter(|l| l.split_whitespace().nth(4) == Some("/dev/shm"))
+            .count();
+        assert_eq!(shm, 1, "/dev/shm mounts in the container:\n{mounts}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One container
+// ---------------------------------------------------------------------------------------------
+
+fn run_case(test: &str, template: Template, unprivileged: bool) {
+    let _serial = serial();
+    if !all_ready() {
+        return;
+    }
+    let agent = binaries().fake_coder_bytes();
+    let idmap = unprivileged.then_some(UNPRIVILEGED_BASE);
+    let offset = idmap.unwrap_or(0);
+    if unprivileged {
+        for note in ensure_subids(u64::from(UNPRIVILEGED_BASE), 65536) {
+            println!("NOTE: {note}");
+        }
+    }
+
+    let mut ct = Container::new(test);
+    let oci = create_rootfs(&ct, template, idmap);
     check_rootfs(&ct.rootfs, offset);
     let docker_gid = group_id(&ct.rootfs, "docker");
 
@@ -539,37 +580,8 @@ fn run_case(test: &str, template: Template, unprivileged: bool) {
     // Boot 1: the first start on a fresh home volume.
     let server1 = boot(&ct, 1, unprivileged, &agent);
     hakim_e2e::lxc::check_agent_start(&ct, &ct.start_record(1), &expect);
-    let init = ct.init_pid().unwrap();
-    let agent_pid = children_of(init)
-        .into_iter()
-        .find(|p| cmdline(*p).starts_with(AGENT_BIN))
-        .unwrap_or_else(|| panic!("no agent process under {init}\n{}", ct.diagnostics()));
-    assert_eq!(
-        proc_status_field(agent_pid, "Uid").unwrap(),
-        vec![(1000 + offset).to_string(); 4],
-        "host uids of the agent"
-    );
-    check_token_stays_with_agent(&ct);
-    let m = fs::metadata(&home).unwrap();
-    assert_eq!(
-        (m.uid(), m.gid(), m.mode() & 0o7777),
-        (1000 + offset, 1000 + offset, 0o755),
-        "the volume's root must become the user's\n{}",
-        ct.diagnostics()
-    );
-    assert!(home.join(".profile").is_file(), "skel not copied");
+    check_first_boot(&ct, offset, oci.is_some());
     assert_eq!(stat_line(&lost), lost_before, "lost+found was touched");
-    if oci.is_some() {
-        // lxc.init.cwd from WorkingDir, and /dev/shm mounted once (by Proxmox's entry).
-        let cwd = fs::read_link(format!("/proc/{init}/cwd")).unwrap();
-        assert_eq!(cwd, Path::new("/home/coder"), "PID 1's cwd");
-        let mounts = fs::read_to_string(format!("/proc/{init}/mountinfo")).unwrap();
-        let shm = mounts
-            .lines()
-            .filter(|l| l.split_whitespace().nth(4) == Some("/dev/shm"))
-            .count();
-        assert_eq!(shm, 1, "/dev/shm mounts in the container:\n{mounts}");
-    }
     graceful_stop(&ct, 0, &halt, 1);
     drop(server1);
     let tops = ["etc", "home"];
