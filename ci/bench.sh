@@ -601,6 +601,12 @@ if [[ ${HAKIM_BENCH_INIT:-1} == 1 ]]; then
     fi
 fi
 
+# Other work on the machine stretches wall times unevenly: say so next to the figures.
+LOAD_NOTE="" NL=$'\n'
+if awk -v a="${LOAD_START%% *}" -v b="${LOAD_END%% *}" -v n="$(nproc)" 'BEGIN{exit !(a > n || b > n)}'; then
+    LOAD_NOTE="- **Load warning:** the load average exceeded the $(nproc) cores during this run: wall times
+  and their ratios are stretched unevenly by other work; the CPU-time ratios are the reliable ones."
+fi
 CPU_MODEL=$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo)
 MEM=$(awk '/^MemTotal/{printf "%.1f GB", $2*1024/1e9}' /proc/meminfo)
 
@@ -610,7 +616,7 @@ RESULTS=$(
 
 - Date: $(date -u '+%Y-%m-%d %H:%M UTC')
 - Machine: $(nproc) CPUs ($CPU_MODEL), $MEM RAM; compressor threads: $THREADS; page cache warm;
-  load average before / after the run: $LOAD_START / $LOAD_END
+  load average before / after the run: $LOAD_START / $LOAD_END${LOAD_NOTE:+$NL$LOAD_NOTE}
 - hakim-convert: $OURS_STATUS; $BIN_INFO; source tree at start of run: $REV
 - Image: Debian trixie minbase + build-essential, git, python3, cmake, gdb, …;
   **$IMG_LAYERS layers** (gzip, $IMG_MEDIATYPES), $(mb "$IMG_COMPRESSED") MB compressed,
