@@ -3,7 +3,7 @@
 # installs test dependencies, then formatting, lints (Rust, shell scripts,
 # GitHub workflows), unit, fixture and end-to-end tests against real tools,
 # then a short fuzzing smoke of every target (FUZZ_SMOKE_SECONDS each,
-# default 20; ci/fuzz.sh runs longer).
+# default 15; ci/fuzz.sh runs longer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,4 +21,4 @@ seeds="$(mktemp -d)"
 trap 'rm -rf "$seeds"' EXIT
 HAKIM_E2E=1 HAKIM_FUZZ_SEEDS="$seeds" cargo test --workspace --quiet
 # Every fuzz target for a short while, from those seeds.
-HAKIM_FUZZ_SEEDS="$seeds" ci/fuzz.sh "${FUZZ_SMOKE_SECONDS:-20}"
+HAKIM_FUZZ_SEEDS="$seeds" ci/fuzz.sh "${FUZZ_SMOKE_SECONDS:-15}"
