@@ -619,24 +619,10 @@ fn run(cli: Cli) -> Result<()> {
                 println!("sample image written to {}", layout.display());
             }
             let summary = convert(&ConvertOptions {
-                source: format!("oci:{}:latest", layout.display()),
-                output_dir,
-                platform: None,
-                format: OutputFormat::Rootfs,
-                compression: OutputCompression::Xz,
-                level: None,
-                threads: None,
-                name: None,
-                variant: None,
-                release: None,
-                tag: None,
-                keep_layers: false,
-                inject: None,
-                push: None,
                 source_date_epoch: source_date_epoch()?,
                 cancel,
                 progress,
-                registry: RegistryOptions::default(),
+                ..ConvertOptions::new(format!("oci:{}:latest", layout.display()), output_dir)
             })?;
             report(&summary, json)
         }
