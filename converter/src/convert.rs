@@ -454,8 +454,9 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     };
     bar.finish_and_clear();
     cancelled(&opts.cancel)?;
-    pending.commit(&final_path)?;
-    let sums_file = output::update_sums(&opts.output_dir, &file_name, &sha256)?;
+    let sums_file = output::DirLock::acquire(&opts.output_dir)?
+        .publish(pending, &file_name, &sha256)
+        .with_context(|| format!("cannot put {} in place", final_path.display()))?;
     let push = match push_target {
         None => None,
         Some(target) => {

@@ -25,7 +25,15 @@ use hakim_convert::source::Platform;
     about = "Turn OCI/Docker images into Proxmox VE rootfs templates",
     args_conflicts_with_subcommands = true,
     arg_required_else_help = true,
-    subcommand_negates_reqs = true
+    subcommand_negates_reqs = true,
+    override_usage = "hakim-convert SOURCE [OPTIONS]      (convert into the current directory, or -o DIR)\n       \
+                      hakim-convert <COMMAND> [ARGS]",
+    after_help = "Examples:\n  \
+                  hakim-convert ghcr.io/shekohex/hakim-elixir          \
+                  # ./hakim-elixir-<release>-amd64.tar.xz + ./sha256sums.txt\n  \
+                  hakim-convert ghcr.io/shekohex/hakim-base -o out/ --compression zstd\n  \
+                  hakim-convert verify hakim-elixir-trixie-amd64.tar.xz\n  \
+                  hakim-convert batch --config ci/batch.toml -o out/"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -66,8 +74,15 @@ struct ConvertArgs {
     /// oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG|@N],
     /// docker://[HOST/]NAME[:TAG|@DIGEST] or HOST/NAME[:TAG|@DIGEST] (e.g. ghcr.io/owner/name)
     source: String,
-    /// Output directory (created if missing).
-    #[arg(short, long, visible_alias = "out")]
+    /// Output directory (created if missing) [default: the current directory].
+    #[arg(
+        short,
+        long,
+        visible_alias = "out",
+        value_name = "DIR",
+        default_value = ".",
+        hide_default_value = true
+    )]
     output_dir: PathBuf,
     /// Platform to pick from a multi-platform index.
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
@@ -184,8 +199,16 @@ struct BatchArgs {
     /// level); flags given here replace its values.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Output directory: artifacts, sha256sums.txt and the skip record sources.txt.
-    #[arg(short, long, visible_alias = "out")]
+    /// Output directory: artifacts, sha256sums.txt and the skip record sources.txt
+    /// [default: the current directory].
+    #[arg(
+        short,
+        long,
+        visible_alias = "out",
+        value_name = "DIR",
+        default_value = ".",
+        hide_default_value = true
+    )]
     output_dir: PathBuf,
     /// Registry and owner of the images, e.g. ghcr.io/shekohex.
     #[arg(long)]
@@ -350,14 +373,25 @@ fn source_date_epoch() -> Result<Option<u64>> {
     }
 }
 
-/// Ctrl-C / SIGTERM: the first asks the conversion to stop (it removes its
-/// partial file); a second one terminates at once.
+/// Ctrl-C, SIGTERM or SIGHUP: the first asks the conversion to stop (it
+/// removes its temporary file and reports "interrupted"); a second one removes
+/// the temporary files at once and exits 130 without waiting.
 fn cancel_flag() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let flag = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
-        signal_hook::flag::register(sig, flag.clone())?;
-    }
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let seen = flag.clone();
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            if seen.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                hakim_convert::output::remove_pending_files();
+                eprintln!(
+                    "error: interrupted again; temporary files removed, no artifact was written"
+                );
+                std::process::exit(130);
+            }
+        }
+    });
     Ok(flag)
 }
 
@@ -671,7 +705,13 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::Convert(a)) if a.source == "oci:x"));
         let cli = Cli::try_parse_from(["hakim-convert", "demo", "-o", "d"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Demo { .. })));
-        assert!(Cli::try_parse_from(["hakim-convert", "ghcr.io/a/b"]).is_err());
+        // The design card's form: no -o writes into the current directory.
+        let cli = Cli::try_parse_from(["hakim-convert", "ghcr.io/shekohex/hakim-elixir"]).unwrap();
+        assert_eq!(cli.convert.unwrap().output_dir, PathBuf::from("."));
+        let cli = Cli::try_parse_from(["hakim-convert", "batch", "--variant", "js"]).unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::Batch(b)) if b.output_dir == PathBuf::from("."))
+        );
         assert!(Cli::try_parse_from([
             "hakim-convert",
             "x",

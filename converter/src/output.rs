@@ -4,10 +4,12 @@
 //! renamed only once complete and synced, so an interrupted or failed run never
 //! leaves a file under a final name.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest as _, Sha256};
@@ -114,19 +116,59 @@ impl<W: Write> Write for HashWrite<W> {
     }
 }
 
-/// A file being written under a temporary name in the output directory.
+const PARTIAL_PREFIX: &str = ".hakim-convert-";
+const PARTIAL_SUFFIX: &str = ".partial";
+
+/// Temporary files of this process, removed by [`remove_pending_files`] when a
+/// second stop signal ends the process before the normal cleanup can run.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn pending_list() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes this process's temporary files; for a signal thread about to exit.
+pub fn remove_pending_files() {
+    for path in pending_list().drain(..) {
+        let _ = fs::remove_file(path);
+    }
+}
+
+/// A file being written under a temporary name in the output directory. It
+/// holds an exclusive `flock` for its whole life, so another run can tell a
+/// live temporary file from one a killed run left behind.
 pub struct PendingFile {
     temp: tempfile::NamedTempFile,
+    registered: Registered,
+}
+
+/// Keeps a temporary file's path in [`PENDING`] while it exists.
+struct Registered(PathBuf);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        // The file itself is removed by `tempfile` (or was renamed).
+        pending_list().retain(|p| p != &self.0);
+    }
 }
 
 impl PendingFile {
     pub fn create(dir: &Path) -> Result<Self> {
+        remove_stale_partials(dir);
         let temp = tempfile::Builder::new()
-            .prefix(".hakim-convert-")
-            .suffix(".partial")
+            .prefix(PARTIAL_PREFIX)
+            .suffix(PARTIAL_SUFFIX)
             .tempfile_in(dir)
             .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-        Ok(PendingFile { temp })
+        temp.as_file()
+            .lock()
+            .with_context(|| format!("cannot lock {}", temp.path().display()))?;
+        let path = temp.path().to_path_buf();
+        pending_list().push(path.clone());
+        Ok(PendingFile {
+            temp,
+            registered: Registered(path),
+        })
     }
 
     pub fn file(&self) -> &File {
@@ -136,12 +178,42 @@ impl PendingFile {
     /// Syncs, makes it world-readable (templates are shared) and renames it.
     pub fn commit(self, final_path: &Path) -> Result<()> {
         let file = self.temp.as_file();
-        file.sync_all()?;
-        file.set_permissions(fs::Permissions::from_mode(0o644))?;
-        self.temp
-            .persist(final_path)
+        file.sync_all()
+            .and_then(|()| file.set_permissions(fs::Permissions::from_mode(0o644)))
+            .with_context(|| format!("cannot finish {}", final_path.display()))?;
+        let PendingFile { temp, registered } = self;
+        temp.persist(final_path)
             .with_context(|| format!("cannot rename into {}", final_path.display()))?;
+        drop(registered);
         Ok(())
+    }
+}
+
+/// Removes temporary files of earlier runs that no live process holds: a run
+/// killed outright (SIGKILL, power loss) cannot clean up after itself. The
+/// lock tells; the age only covers the instant between a file's creation and
+/// its locking.
+fn remove_stale_partials(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let old = SystemTime::now() - Duration::from_secs(60);
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(PARTIAL_PREFIX) && name.ends_with(PARTIAL_SUFFIX)) {
+            continue;
+        }
+        let Ok(file) = File::open(entry.path()) else {
+            continue;
+        };
+        let stale = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < old);
+        if stale && file.try_lock().is_ok() {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -156,58 +228,108 @@ pub fn hash_file(file: &File) -> Result<(String, u64)> {
     Ok((sha, size))
 }
 
-/// Rewrites the text file `dir/file_name` (empty when missing) with `edit`, under
-/// the lock file `dir/.<file_name>.lock`, so parallel runs into one directory don't
-/// lose each other's lines. The new text replaces the old atomically.
-pub fn rewrite_locked(
-    dir: &Path,
-    file_name: &str,
-    edit: impl FnOnce(&str) -> String,
-) -> Result<PathBuf> {
-    let lock_path = dir.join(format!(".{}.lock", file_name.trim_end_matches(".txt")));
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    lock.lock()
-        .with_context(|| format!("cannot lock {}", lock_path.display()))?;
-    let path = dir.join(file_name);
-    let existing = match fs::read_to_string(&path) {
-        Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let text = edit(&existing);
-    let pending = PendingFile::create(dir)?;
-    pending.file().write_all(text.as_bytes())?;
-    pending.commit(&path)?;
-    drop(lock);
-    Ok(path)
+/// An exclusive lock on an output directory, taken with `flock(2)` on the
+/// directory itself so that no lock file is left among the artifacts (release
+/// steps upload `out/*`). Held while an artifact is renamed into place and its
+/// `sha256sums.txt` line written, so concurrent runs into one directory never
+/// interleave the two.
+pub struct DirLock {
+    dir: PathBuf,
+    _handle: File,
+}
+
+/// Lock files written next to the artifacts by earlier versions.
+const LEGACY_LOCK_FILES: &[&str] = &[".sha256sums.lock", ".sources.lock"];
+
+impl DirLock {
+    /// Blocks until the lock is ours.
+    pub fn acquire(dir: &Path) -> Result<DirLock> {
+        let handle = File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+        handle
+            .lock()
+            .with_context(|| format!("cannot lock {}", dir.display()))?;
+        for legacy in LEGACY_LOCK_FILES {
+            // Best effort: only a stale leftover, nothing reads it any more.
+            let _ = fs::remove_file(dir.join(legacy));
+        }
+        Ok(DirLock {
+            dir: dir.to_path_buf(),
+            _handle: handle,
+        })
+    }
+
+    /// Prepares the new text of `file_name` (empty when missing) from `edit`,
+    /// written and synced under a temporary name but not yet in place.
+    fn prepare(&self, file_name: &str, edit: impl FnOnce(&str) -> String) -> Result<Staged> {
+        let path = self.dir.join(file_name);
+        let existing = match fs::read_to_string(&path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let text = edit(&existing);
+        let pending = PendingFile::create(&self.dir)?;
+        pending
+            .file()
+            .write_all(text.as_bytes())
+            .and_then(|()| pending.file().sync_all())
+            .with_context(|| format!("cannot write the new {}", path.display()))?;
+        Ok(Staged { pending, path })
+    }
+
+    /// Rewrites `file_name` in the directory with `edit`; the new text
+    /// replaces the old atomically.
+    pub fn rewrite(&self, file_name: &str, edit: impl FnOnce(&str) -> String) -> Result<PathBuf> {
+        self.prepare(file_name, edit)?.commit()
+    }
+
+    /// Puts a finished artifact in place together with its `sha256sums.txt`
+    /// line: the new sums file is written first, so a full disk fails before
+    /// the artifact appears; then both are renamed (renames need no space).
+    pub fn publish(&self, artifact: PendingFile, file_name: &str, sha256: &str) -> Result<PathBuf> {
+        let sums = self.prepare(SUMS_FILE, |existing| sums_with(existing, file_name, sha256))?;
+        artifact.commit(&self.dir.join(file_name))?;
+        sums.commit()
+    }
+}
+
+/// A text file written and synced under a temporary name.
+struct Staged {
+    pending: PendingFile,
+    path: PathBuf,
+}
+
+impl Staged {
+    fn commit(self) -> Result<PathBuf> {
+        self.pending.commit(&self.path)?;
+        Ok(self.path)
+    }
+}
+
+/// `existing` sums text with `name`'s line added or replaced, sorted by name.
+fn sums_with(existing: &str, name: &str, sha256: &str) -> String {
+    let mut lines: Vec<(String, String)> = Vec::new();
+    for line in existing.lines() {
+        let Some((hash, file)) = line.split_once(' ') else {
+            continue;
+        };
+        let file = file.trim_start_matches([' ', '*']);
+        if file != name {
+            lines.push((file.to_string(), hash.to_string()));
+        }
+    }
+    lines.push((name.to_string(), sha256.to_string()));
+    lines.sort();
+    let mut text = String::new();
+    for (file, hash) in lines {
+        text.push_str(&format!("{hash}  {file}\n"));
+    }
+    text
 }
 
 /// Adds or replaces `name`'s line in `dir/sha256sums.txt`, keeping other lines.
 pub fn update_sums(dir: &Path, name: &str, sha256: &str) -> Result<PathBuf> {
-    rewrite_locked(dir, SUMS_FILE, |existing| {
-        let mut lines: Vec<(String, String)> = Vec::new();
-        for line in existing.lines() {
-            let Some((hash, file)) = line.split_once(' ') else {
-                continue;
-            };
-            let file = file.trim_start_matches([' ', '*']);
-            if file != name {
-                lines.push((file.to_string(), hash.to_string()));
-            }
-        }
-        lines.push((name.to_string(), sha256.to_string()));
-        lines.sort();
-        let mut text = String::new();
-        for (file, hash) in lines {
-            text.push_str(&format!("{hash}  {file}\n"));
-        }
-        text
-    })
+    DirLock::acquire(dir)?.rewrite(SUMS_FILE, |existing| sums_with(existing, name, sha256))
 }
 
 #[cfg(test)]
@@ -251,5 +373,71 @@ mod tests {
         update_sums(dir.path(), "a.tar.xz", "33").unwrap();
         let text = fs::read_to_string(dir.path().join(SUMS_FILE)).unwrap();
         assert_eq!(text, "33  a.tar.xz\n22  b.tar.xz\n");
+        // Nothing but the sums file is left behind (no lock file, no temporary).
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [SUMS_FILE]);
+    }
+
+    #[test]
+    fn stale_partials_are_removed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        let stale = dir.path().join(".hakim-convert-dead.partial");
+        fs::write(&stale, "left by a killed run").unwrap();
+        File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        // An old temporary file another run still holds is not touched.
+        let live = PendingFile::create(dir.path()).unwrap();
+        live.file().set_modified(old).unwrap();
+        let other = dir.path().join("keep.partial");
+        fs::write(&other, "not ours").unwrap();
+        let next = PendingFile::create(dir.path()).unwrap();
+        assert!(!stale.exists());
+        assert!(live.registered.0.exists() && next.registered.0.exists() && other.exists());
+        assert_eq!(
+            pending_list()
+                .iter()
+                .filter(|p| p.starts_with(dir.path()))
+                .count(),
+            2
+        );
+        drop(live);
+        drop(next);
+        assert_eq!(
+            pending_list()
+                .iter()
+                .filter(|p| p.starts_with(dir.path()))
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn publish_puts_artifact_and_line_in_place_together() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(".sha256sums.lock"), "").unwrap();
+        let pending = PendingFile::create(dir.path()).unwrap();
+        pending.file().write_all(b"artifact").unwrap();
+        let lock = DirLock::acquire(dir.path()).unwrap();
+        lock.publish(pending, "a.tar", "ff").unwrap();
+        drop(lock);
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        // The stale lock file of an older version is gone too.
+        assert_eq!(names, ["a.tar", SUMS_FILE]);
+        assert_eq!(
+            fs::read_to_string(dir.path().join(SUMS_FILE)).unwrap(),
+            "ff  a.tar\n"
+        );
     }
 }

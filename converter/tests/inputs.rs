@@ -372,9 +372,8 @@ fn cli_reports_errors_and_leaves_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown source"));
 }
 
-#[test]
-fn interrupt_removes_the_partial_file() {
-    // Enough incompressible data that xz needs a few seconds.
+/// An image big enough that xz needs a few seconds: time to interrupt it.
+fn slow_fixture() -> Fixture {
     let mut data = vec![0u8; 48 << 20];
     let mut x: u64 = 7;
     for chunk in data.chunks_mut(8) {
@@ -393,8 +392,13 @@ fn interrupt_removes_the_partial_file() {
             &[],
         )
         .finish();
-    let f = Fixture::new(&[SampleLayer::new(tar, BlobCompression::Plain)]);
-    let mut child = bin()
+    Fixture::new(&[SampleLayer::new(tar, BlobCompression::Plain)])
+}
+
+/// Starts a conversion, waits for its temporary file, sends `signals` (a short
+/// pause between them) and returns its exit code and stderr.
+fn convert_and_signal(f: &Fixture, signals: &[&str]) -> (Option<i32>, String) {
+    let child = bin()
         .args([
             "convert",
             &format!("oci:{}:1", f.layout().display()),
@@ -403,9 +407,9 @@ fn interrupt_removes_the_partial_file() {
             "-o",
         ])
         .arg(f.out())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the partial file exists, then interrupt.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !std::fs::read_dir(f.out())
         .map(|rd| {
@@ -421,15 +425,88 @@ fn interrupt_removes_the_partial_file() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
-    // SAFETY-free: plain kill(2) on our own child.
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    for sig in signals {
+        // Plain kill(2) on our own child, by PID.
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn interrupt_removes_the_partial_file() {
+    let f = slow_fixture();
+    let (code, stderr) = convert_and_signal(&f, &["INT"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(f.outputs().is_empty(), "left behind: {:?}", f.outputs());
+}
+
+#[test]
+fn hangup_and_a_second_signal_leave_nothing_behind() {
+    // SIGHUP (a closed terminal) stops like Ctrl-C.
+    let f = slow_fixture();
+    let (code, stderr) = convert_and_signal(&f, &["HUP"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(f.outputs().is_empty(), "left behind: {:?}", f.outputs());
+    // `timeout` and service managers send SIGTERM, then often again: the
+    // second one must not skip the cleanup.
+    let (code, stderr) = convert_and_signal(&f, &["TERM", "TERM"]);
+    assert!(matches!(code, Some(1) | Some(130)), "{code:?} {stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(f.outputs().is_empty(), "left behind: {:?}", f.outputs());
+}
+
+#[test]
+fn no_output_dir_writes_into_the_current_directory() {
+    // The design card's own command line: `hakim-convert SOURCE`.
+    let f = Fixture::new(&two_layers());
+    let cwd = tempfile::tempdir().unwrap();
+    let out = bin()
+        .current_dir(cwd.path())
+        .args([
+            &format!("oci:{}:1", f.layout().display()),
+            "--compression",
+            "zstd",
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = std::fs::read_dir(cwd.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["hakim-fixture-trixie-amd64.tar.zst", "sha256sums.txt"]
+    );
+    let st = Command::new("sha256sum")
+        .args(["-c", "--quiet", "sha256sums.txt"])
+        .current_dir(cwd.path())
         .status()
         .unwrap();
     assert!(st.success());
-    let status = child.wait().unwrap();
-    assert!(!status.success());
-    assert!(f.outputs().is_empty(), "left behind: {:?}", f.outputs());
+    // The summary names the artifact where the user will look for it.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("./hakim-fixture-trixie-amd64.tar.zst")
+            || stdout.starts_with("hakim-fixture-trixie-amd64.tar.zst"),
+        "{stdout}"
+    );
 }
 
 #[test]

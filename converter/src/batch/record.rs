@@ -64,7 +64,7 @@ pub fn load(dir: &Path) -> Result<Vec<Entry>> {
 /// Records `entry`, replacing any line of the same artifact or of the same job
 /// (`pattern`: an earlier name, e.g. before the image's release changed).
 pub fn update(dir: &Path, entry: &Entry, pattern: &NamePattern) -> Result<PathBuf> {
-    output::rewrite_locked(dir, RECORD_FILE, |existing| {
+    output::DirLock::acquire(dir)?.rewrite(RECORD_FILE, |existing| {
         let mut entries: Vec<Entry> = parse(existing)
             .into_iter()
             .filter(|e| e.artifact != entry.artifact && !pattern.matches(&e.artifact))

@@ -52,14 +52,13 @@ impl Fixture {
         convert(&self.options(OutputCompression::None)).map_err(|e| format!("{e:#}"))
     }
 
-    /// Files left in the output directory (hidden lock file excluded).
+    /// Files left in the output directory, hidden ones included.
     pub fn outputs(&self) -> Vec<String> {
         let Ok(rd) = std::fs::read_dir(self.out()) else {
             return Vec::new();
         };
         let mut v: Vec<String> = rd
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n != ".sha256sums.lock")
             .collect();
         v.sort();
         v
