@@ -710,7 +710,7 @@ mod tests {
         assert_eq!(cli.convert.unwrap().output_dir, PathBuf::from("."));
         let cli = Cli::try_parse_from(["hakim-convert", "batch", "--variant", "js"]).unwrap();
         assert!(
-            matches!(cli.command, Some(Command::Batch(b)) if b.output_dir == PathBuf::from("."))
+            matches!(cli.command, Some(Command::Batch(b)) if b.output_dir == std::path::Path::new("."))
         );
         assert!(Cli::try_parse_from([
             "hakim-convert",
