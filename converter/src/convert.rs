@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use crate::acceptance::{Check, MemberRules, Status, Stream};
 use crate::compress::{Encoder, OutputCompression};
 use crate::digest::Digest;
 use crate::flatten::{self, EmitOptions, EmitStats, NameStyle};
@@ -21,7 +22,6 @@ use crate::registry::{push_layout, PushStats, Reference, RegistryOptions, Regist
 use crate::source::{self, BlobStore, Platform};
 use crate::tarout::TarWriter;
 use crate::tree::Kind;
-use crate::verify::PVE_KNOWN_OS_IDS;
 
 /// What kind of artifact to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
@@ -158,6 +158,9 @@ pub struct Summary {
     /// `--push`: where the image went and what was sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub push: Option<PushSummary>,
+    /// Proxmox's acceptance rules this artifact does not meet (what `verify`
+    /// reports as WARN or FAIL), each with its fix; also in `warnings`.
+    pub proxmox: Vec<Check>,
     pub warnings: Vec<String>,
     pub seconds: f64,
 }
@@ -310,16 +313,6 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     let os_id = os_release
         .as_deref()
         .and_then(|t| output::os_release_field(t, "ID"));
-    match &os_id {
-        None => warnings.push(
-            "no /etc/os-release: Proxmox cannot detect the distribution (use ostype unmanaged)"
-                .into(),
-        ),
-        Some(id) if !PVE_KNOWN_OS_IDS.contains(&id.as_str()) => warnings.push(format!(
-            "os-release ID '{id}' is not one Proxmox manages; create the container with ostype unmanaged"
-        )),
-        Some(_) => {}
-    }
     let base_name = match &opts.variant {
         Some(v) => format!("hakim-{v}"),
         None => image.repository.clone().unwrap_or_else(|| "image".into()),
@@ -402,11 +395,14 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         bar.inc(n);
         cancelled(&cancel)
     };
+    // Proxmox's acceptance rules, evaluated on what is written.
+    let checks: Vec<Check>;
     let (entries, oci, sha256, size) = match opts.format {
         OutputFormat::Rootfs => {
             let hashed = HashWrite::new(pending.file());
             let encoder = Encoder::new(opts.compression, level, threads, hashed)?;
             let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, encoder));
+            tar.check_with(MemberRules::new(Stream::Rootfs));
             let (stats, emit_warnings) = flatten::emit(
                 &image,
                 &mut index,
@@ -418,6 +414,8 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
                 &mut tick,
             )?;
             warnings.extend(emit_warnings);
+            let rules = tar.take_rules().expect("rules were given");
+            checks = rules.finish(os_release.as_deref());
             let encoder = tar
                 .finish()
                 .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
@@ -443,6 +441,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
                 &mut tick,
             )?;
             warnings.append(&mut archive.warnings);
+            checks = std::mem::take(&mut archive.checks);
             let (sha256, size) = output::hash_file(pending.file())?;
             (
                 archive.entries.take().unwrap_or_default(),
@@ -454,6 +453,11 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     };
     bar.finish_and_clear();
     cancelled(&opts.cancel)?;
+    let proxmox: Vec<Check> = checks
+        .into_iter()
+        .filter(|c| c.status != Status::Pass)
+        .collect();
+    warnings.extend(proxmox.iter().map(Check::announce));
     let sums_file = output::DirLock::acquire(&opts.output_dir)?
         .publish(pending, &file_name, &sha256)
         .with_context(|| format!("cannot put {} in place", final_path.display()))?;
@@ -518,6 +522,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         injected,
         oci,
         push,
+        proxmox,
         warnings,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -15,6 +15,7 @@ use std::io::{self, Read, Write};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::acceptance::{Member, MemberRules, Stream};
 use crate::layer::{self, LayerDesc, LayerStats, MemberKind};
 use crate::path::{RelPath, MAX_NAME_BYTES, MAX_PATH_BYTES};
 use crate::source::ResolvedImage;
@@ -34,6 +35,9 @@ fn xattr_survives(name: &[u8]) -> bool {
 pub struct Index {
     pub tree: Tree,
     pub layers: Vec<LayerStats>,
+    /// Proxmox's per-layer rules (ids, whiteouts) on every member read, for
+    /// artifacts that keep the layers as they are.
+    pub layer_rules: Vec<MemberRules>,
     captured: HashMap<Source, Vec<u8>>,
     pub warnings: Vec<String>,
 }
@@ -91,6 +95,7 @@ pub fn index_layers(
     let mut index = Index {
         tree: Tree::new(implicit_mtime),
         layers: Vec::with_capacity(image.layers.len()),
+        layer_rules: Vec::with_capacity(image.layers.len()),
         captured: HashMap::new(),
         warnings: image.warnings.clone(),
     };
@@ -107,9 +112,11 @@ pub fn index_layer(index: &mut Index, image: &ResolvedImage, desc: &LayerDesc) -
     let Index {
         tree,
         layers: stats,
+        layer_rules,
         captured,
         warnings,
     } = index;
+    let mut rules = MemberRules::new(Stream::OciLayer(layer_rules.len() + 1));
     let label = desc.label();
     let blob = image.blobs.open_layer(desc)?;
     let mut members = Vec::new();
@@ -133,10 +140,12 @@ pub fn index_layer(index: &mut Index, image: &ResolvedImage, desc: &LayerDesc) -
                 );
             }
         }
+        rules.observe(Member::from_parsed(&member));
         members.push((ordinal, member));
         Ok(())
     })?;
     stats.push(st);
+    layer_rules.push(rules);
 
     tree.begin_layer();
     // Whiteouts and opaque markers act on lower layers only, wherever they sit
@@ -258,8 +267,8 @@ fn member_name(path: &RelPath, dir: bool, style: NameStyle) -> Vec<u8> {
     name
 }
 
-/// The xattrs that reach the artifact; reports dropped ones and ids an
-/// unprivileged container cannot map.
+/// The xattrs that reach the artifact; reports dropped ones. (Ids an
+/// unprivileged container cannot map are Proxmox's rules: [`crate::acceptance`].)
 fn filtered_xattrs(
     path: &RelPath,
     inode: &Inode,
@@ -294,15 +303,6 @@ fn filtered_xattrs(
                 ),
             );
         }
-    }
-    if inode.meta.uid >= 65536 || inode.meta.gid >= 65536 {
-        warns.add(
-            "ids >= 65536",
-            format!(
-                "'{path}': owner {}:{} is outside an unprivileged container's 65536 ids",
-                inode.meta.uid, inode.meta.gid
-            ),
-        );
     }
     kept
 }

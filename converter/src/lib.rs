@@ -5,8 +5,10 @@
 //! merged [`tree`] (metadata only, digests verified), then streams the layers a
 //! second time through [`tarout`] and [`compress`] into an artifact written under
 //! a temporary name by [`output`]. Registry sources are pulled by [`registry`] into
-//! a shared blob cache first.
+//! a shared blob cache first. Proxmox's acceptance rules live in [`acceptance`]:
+//! `convert` applies them to what it writes, [`verify`] to what it reads.
 
+pub mod acceptance;
 pub mod batch;
 pub mod compress;
 pub mod convert;

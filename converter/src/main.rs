@@ -511,6 +511,9 @@ fn print_verify(report: &hakim_convert::verify::Report, json: bool) -> Result<()
                 } else {
                     writeln!(out, "  {mark}  {}: {}", c.rule, c.detail)?;
                 }
+                if let Some(fix) = c.fix {
+                    writeln!(out, "        fix: {fix}")?;
+                }
             }
             Ok(())
         })

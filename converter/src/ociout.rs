@@ -17,6 +17,7 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 
+use crate::acceptance::{self, Check, MemberRules, Stream};
 use crate::compress::{Encoder, OutputCompression};
 use crate::digest::{Digest, HashRead};
 use crate::flatten::{self, EmitOptions, EmitStats, Index, NameStyle};
@@ -69,6 +70,9 @@ pub struct OciArchive {
     pub manifest_json: Vec<u8>,
     pub entries: Option<EmitStats>,
     pub warnings: Vec<String>,
+    /// Proxmox's acceptance rules on the layers and config written.
+    #[serde(skip)]
+    pub checks: Vec<Check>,
 }
 
 /// The outer tar, written to a seekable file.
@@ -209,7 +213,12 @@ pub fn write(
     let mut layers = Vec::new();
     let mut diff_ids = Vec::new();
     let mut entries = None;
+    // Proxmox's acceptance rules on what is written.
+    let mut checks = Vec::new();
     if opts.keep_layers {
+        // Kept layers are checked as pass 1 read them.
+        let layer_rules = std::mem::take(&mut index.layer_rules);
+        checks.extend(layer_rules.into_iter().flat_map(|r| r.finish(None)));
         for (desc, stats) in image.layers.iter().zip(&index.layers) {
             let label = desc.label();
             let reusable = desc.digest.is_some()
@@ -266,6 +275,7 @@ pub fn write(
         let blob = ar.streamed_blob(layer_type, |out| {
             let (digest, diff) = encode_into(out, opts, |w| {
                 let mut tar = TarWriter::new(w);
+                tar.check_with(MemberRules::new(Stream::OciLayer(1)));
                 let (stats, warns) = flatten::emit(
                     image,
                     index,
@@ -276,21 +286,26 @@ pub fn write(
                     &mut tar,
                     tick,
                 )?;
+                let rules = tar.take_rules().expect("rules were given");
                 tar.finish().context("cannot write the layer")?;
-                emitted = Some((stats, warns));
+                emitted = Some((stats, warns, rules));
                 Ok(())
             })?;
             diff_id = Some(diff);
             Ok(digest)
         })?;
-        let (stats, warns) = emitted.expect("emit ran");
+        let (stats, warns, rules) = emitted.expect("emit ran");
         warnings.extend(warns);
+        checks.extend(rules.finish(None));
         entries = Some(stats);
         layers.push(blob);
         diff_ids.push(diff_id.expect("layer written").to_string());
     }
 
     let config_json = oci_config(image, &diff_ids, opts, &mut warnings)?;
+    checks.extend(acceptance::config_checks(&serde_json::from_slice(
+        &config_json,
+    )?));
     let config = ar.blob(&config_json, CONFIG_TYPE)?;
     let manifest_json = manifest(image, &config, &layers)?;
     let manifest_ref = ar.blob(&manifest_json, MANIFEST_TYPE)?;
@@ -314,6 +329,7 @@ pub fn write(
         manifest_json,
         entries,
         warnings,
+        checks,
     })
 }
 

@@ -8,7 +8,10 @@
 
 use std::io::{self, Read, Write};
 
+use crate::acceptance::{Member, MemberRules, Node};
+use crate::path::RelPath;
 use crate::tree::Xattr;
+use crate::whiteout::{self, Role};
 
 const BLOCK: usize = 512;
 const USTAR_NAME_MAX: usize = 100;
@@ -42,6 +45,9 @@ pub struct OutEntry<'a> {
 pub struct TarWriter<W: Write> {
     out: W,
     written: u64,
+    /// Proxmox's acceptance rules, fed every member written (see
+    /// [`TarWriter::check_with`]).
+    rules: Option<MemberRules>,
 }
 
 fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
@@ -69,7 +75,47 @@ fn padding(len: u64) -> usize {
 
 impl<W: Write> TarWriter<W> {
     pub fn new(out: W) -> Self {
-        TarWriter { out, written: 0 }
+        TarWriter {
+            out,
+            written: 0,
+            rules: None,
+        }
+    }
+
+    /// Holds every member written from now on to `rules`: the same rules
+    /// `verify` applies when it reads the archive back.
+    pub fn check_with(&mut self, rules: MemberRules) {
+        self.rules = Some(rules);
+    }
+
+    /// The rules given to [`TarWriter::check_with`], with what they saw.
+    pub fn take_rules(&mut self) -> Option<MemberRules> {
+        self.rules.take()
+    }
+
+    fn observe(rules: &mut MemberRules, e: &OutEntry<'_>) {
+        let path = RelPath::parse(e.name).unwrap_or_else(|_| RelPath::root());
+        let whiteout = !matches!(whiteout::classify(&path), Ok(Role::Plain));
+        let node = match e.kind {
+            OutKind::Dir => Node::Dir,
+            OutKind::File => Node::File {
+                executable: e.mode & 0o111 != 0,
+            },
+            OutKind::Symlink => Node::Symlink(e.link.unwrap_or_default().to_vec()),
+            OutKind::Hardlink => Node::Hardlink(
+                RelPath::parse(e.link.unwrap_or_default()).unwrap_or_else(|_| RelPath::root()),
+            ),
+            OutKind::Fifo => Node::Other,
+        };
+        rules.observe(Member {
+            raw_name: e.name,
+            path,
+            node,
+            uid: e.uid,
+            gid: e.gid,
+            xattr_names: e.xattrs.iter().map(|(k, _)| &k[..]).collect(),
+            whiteout,
+        });
     }
 
     /// Uncompressed bytes written so far.
@@ -115,6 +161,9 @@ impl<W: Write> TarWriter<W> {
     /// Writes the header(s) of an entry. For [`OutKind::File`] the caller then
     /// writes exactly `size` bytes with [`TarWriter::append_data`].
     pub fn append(&mut self, e: &OutEntry<'_>) -> io::Result<()> {
+        if let Some(rules) = &mut self.rules {
+            Self::observe(rules, e);
+        }
         let mut pax = Vec::new();
         if e.name.len() > USTAR_NAME_MAX {
             pax_record(&mut pax, b"path", e.name);

@@ -1,12 +1,13 @@
 //! `hakim-convert verify`: checks an artifact against every rule Proxmox's
-//! importers are known to apply (CONTEXT §4), so a broken template is caught
+//! importers are known to apply (docs/proxmox.md), so a broken template is caught
 //! here rather than by `pct create`.
 //!
 //! Rootfs templates are read as GNU tar with Proxmox's flags would read them;
 //! OCI archives as `proxmox-oci` reads them: member names, index shape, media
-//! types, config fields, every digest, size and diff_id.
+//! types, config fields, every digest, size and diff_id. The rules that depend
+//! on the image (ids, `/sbin/init`, os-release, Entrypoint, …) come from
+//! [`crate::acceptance`], which `convert` applies to what it writes.
 
-use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
@@ -14,55 +15,17 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+use crate::acceptance::{config_checks, Member, MemberRules, Offenders, Stream};
+pub use crate::acceptance::{Check, Status, PVE_KNOWN_OS_IDS};
 use crate::digest::Digest;
 use crate::layer::{self, Compression, MemberKind};
 use crate::ociout::{CONFIG_TYPE, INDEX_TYPE, LAYER_GZIP, LAYER_ZSTD, MANIFEST_TYPE};
 use crate::output;
-use crate::path::RelPath;
 use crate::source::tar_index::TarIndex;
-use crate::whiteout::Role;
-
-/// `ID`s Proxmox's container setup recognises; anything else needs `ostype: unmanaged`.
-pub const PVE_KNOWN_OS_IDS: &[&str] = &[
-    "debian",
-    "devuan",
-    "ubuntu",
-    "centos",
-    "fedora",
-    "opensuse",
-    "opensuse-leap",
-    "opensuse-tumbleweed",
-    "archlinux",
-    "arch",
-    "alpine",
-    "gentoo",
-    "nixos",
-    "almalinux",
-    "rocky",
-    "rhel",
-];
 
 const LAYER_PLAIN: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Largest JSON document (index, manifest, config) read into memory.
 const MAX_JSON: u64 = 4 << 20;
-/// Examples kept per failed rule.
-const EXAMPLES: usize = 3;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Pass,
-    Warn,
-    Fail,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Check {
-    pub rule: String,
-    pub status: Status,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub detail: String,
-}
 
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
@@ -87,11 +50,7 @@ struct Checks(Vec<Check>);
 
 impl Checks {
     fn add(&mut self, rule: &str, status: Status, detail: impl Into<String>) {
-        self.0.push(Check {
-            rule: rule.into(),
-            status,
-            detail: detail.into(),
-        });
+        self.0.push(Check::plain(rule, status, detail));
     }
     fn pass(&mut self, rule: &str, detail: impl Into<String>) {
         self.add(rule, Status::Pass, detail);
@@ -104,30 +63,9 @@ impl Checks {
     }
     /// Pass when `bad` is empty, else `status` listing a few examples.
     fn rule(&mut self, rule: &str, bad: &Offenders, status: Status) {
-        if bad.count == 0 {
-            self.pass(rule, "");
-        } else {
-            let more = if bad.count > bad.examples.len() {
-                format!(" (+{} more)", bad.count - bad.examples.len())
-            } else {
-                String::new()
-            };
-            self.add(rule, status, format!("{}{more}", bad.examples.join(", ")));
-        }
-    }
-}
-
-#[derive(Default)]
-struct Offenders {
-    count: usize,
-    examples: Vec<String>,
-}
-
-impl Offenders {
-    fn add(&mut self, what: impl FnOnce() -> String) {
-        self.count += 1;
-        if self.examples.len() < EXAMPLES {
-            self.examples.push(what());
+        match bad.problem() {
+            None => self.pass(rule, ""),
+            Some(detail) => self.add(rule, status, detail),
         }
     }
 }
@@ -219,30 +157,12 @@ fn check_sums(path: &Path, checks: &mut Checks) -> Result<()> {
     Ok(())
 }
 
-/// What a rootfs member became, for resolving `/sbin/init` afterwards.
-enum Node {
-    Dir,
-    File { executable: bool },
-    Symlink(Vec<u8>),
-    Hardlink(RelPath),
-    Other,
-}
-
 fn verify_rootfs(path: &Path, checks: &mut Checks) -> Result<()> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut ignored = Vec::new();
-    let mut first: Option<(Vec<u8>, bool)> = None;
-    let mut prefix = Offenders::default();
     let mut unparsable = Offenders::default();
-    let mut duplicates = Offenders::default();
-    let mut devices = Offenders::default();
-    let mut xattrs = Offenders::default();
-    let mut high_ids = Offenders::default();
-    let mut whiteouts = Offenders::default();
-    let mut link_order = Offenders::default();
-    let mut nodes: HashMap<RelPath, Node> = HashMap::new();
-    let mut seen: HashSet<RelPath> = HashSet::new();
-    let mut os_release: HashMap<RelPath, Vec<u8>> = HashMap::new();
+    let mut rules = MemberRules::new(Stream::Rootfs);
+    let mut os_release: Option<(bool, Vec<u8>)> = None;
     let walked = layer::walk_tar(
         Box::new(file),
         None,
@@ -256,59 +176,20 @@ fn verify_rootfs(path: &Path, checks: &mut Checks) -> Result<()> {
                     return Ok(());
                 }
             };
-            let shown = lossy(&member.raw_name);
-            if first.is_none() {
-                first = Some((
-                    member.raw_name.clone(),
-                    matches!(member.kind, MemberKind::Dir),
-                ));
-            }
-            if !member.raw_name.starts_with(b"./") {
-                prefix.add(|| shown.clone());
-            }
-            if !matches!(member.role, Role::Plain) {
-                whiteouts.add(|| shown.clone());
-            }
-            if !seen.insert(member.path.clone()) {
-                duplicates.add(|| shown.clone());
-            }
-            if member.meta.uid >= 65536 || member.meta.gid >= 65536 {
-                high_ids.add(|| format!("{shown} ({}:{})", member.meta.uid, member.meta.gid));
-            }
-            for (name, _) in member.meta.xattrs.iter() {
-                if !(name.starts_with(b"user.") || &name[..] == b"security.capability") {
-                    xattrs.add(|| format!("{shown}: {}", lossy(name)));
+            if let MemberKind::File { size } = member.kind {
+                // /etc/os-release wins over /usr/lib/os-release, as in Proxmox.
+                let name = member.path.to_bytes();
+                let etc = name == b"etc/os-release";
+                if (etc || name == b"usr/lib/os-release")
+                    && size <= 64 << 10
+                    && !os_release.as_ref().is_some_and(|(was_etc, _)| *was_etc)
+                {
+                    let mut text = Vec::new();
+                    entry.read_to_end(&mut text)?;
+                    os_release = Some((etc, text));
                 }
             }
-            let node = match member.kind {
-                MemberKind::Dir => Node::Dir,
-                MemberKind::File { size } => {
-                    let name = member.path.to_bytes();
-                    if (name == b"etc/os-release" || name == b"usr/lib/os-release")
-                        && size <= 64 << 10
-                    {
-                        let mut text = Vec::new();
-                        entry.read_to_end(&mut text)?;
-                        os_release.insert(member.path.clone(), text);
-                    }
-                    Node::File {
-                        executable: member.meta.mode & 0o111 != 0,
-                    }
-                }
-                MemberKind::Symlink(t) => Node::Symlink(t.to_vec()),
-                MemberKind::Hardlink(target) => {
-                    if !nodes.contains_key(&target) {
-                        link_order.add(|| format!("{shown} → {target}"));
-                    }
-                    Node::Hardlink(target)
-                }
-                MemberKind::CharDevice(..) | MemberKind::BlockDevice(..) => {
-                    devices.add(|| shown.clone());
-                    Node::Other
-                }
-                MemberKind::Fifo | MemberKind::Ignored(_) => Node::Other,
-            };
-            nodes.insert(member.path, node);
+            rules.observe(Member::from_parsed(&member));
             Ok(())
         },
     );
@@ -336,120 +217,10 @@ fn verify_rootfs(path: &Path, checks: &mut Checks) -> Result<()> {
         );
     }
     checks.rule("every member parses", &unparsable, Status::Fail);
-    match &first {
-        Some((name, true)) if name == b"./" => checks.pass("the first member is ./", ""),
-        Some((name, _)) => checks.fail(
-            "the first member is ./",
-            format!("first member is '{}'", lossy(name)),
-        ),
-        None => checks.fail("the first member is ./", "the archive is empty"),
-    }
-    checks.rule(
-        "names start with ./ (PVE extracts with --anchored --exclude ./dev/*)",
-        &prefix,
-        Status::Fail,
-    );
-    checks.rule(
-        "no path appears twice (--skip-old-files keeps the first)",
-        &duplicates,
-        Status::Fail,
-    );
-    checks.rule("no device nodes", &devices, Status::Fail);
-    checks.rule(
-        "only user.* and security.capability xattrs",
-        &xattrs,
-        Status::Fail,
-    );
-    checks.rule(
-        "uid/gid below 65536 (unprivileged containers)",
-        &high_ids,
-        Status::Fail,
-    );
-    checks.rule("no whiteout or opaque markers", &whiteouts, Status::Fail);
-    checks.rule(
-        "hardlink targets precede their links",
-        &link_order,
-        Status::Fail,
-    );
-    check_init(&nodes, checks);
-    let text = os_release
-        .get(&RelPath::parse(b"etc/os-release").expect("valid"))
-        .or_else(|| os_release.get(&RelPath::parse(b"usr/lib/os-release").expect("valid")));
-    const OS: &str = "/etc/os-release has an ID Proxmox manages";
-    match text.and_then(|t| output::os_release_field(t, "ID")) {
-        Some(id) if PVE_KNOWN_OS_IDS.contains(&id.as_str()) => checks.pass(OS, id),
-        Some(id) => checks.warn(
-            OS,
-            format!("ID '{id}': create the container with ostype unmanaged"),
-        ),
-        None => checks.warn(
-            OS,
-            "no os-release: create the container with ostype unmanaged",
-        ),
-    }
+    checks
+        .0
+        .extend(rules.finish(os_release.as_ref().map(|(_, t)| &t[..])));
     Ok(())
-}
-
-/// `/sbin/init` must exist and resolve, inside the root, to an executable file.
-fn check_init(nodes: &HashMap<RelPath, Node>, checks: &mut Checks) {
-    const RULE: &str = "/sbin/init resolves inside the root to an executable file";
-    match resolve(nodes, b"sbin/init") {
-        Ok((shown, true)) => checks.pass(RULE, shown),
-        Ok((shown, false)) => checks.fail(RULE, format!("{shown} is not executable")),
-        Err(why) => checks.fail(RULE, why),
-    }
-}
-
-/// Follows symlinks (absolute ones from the root, `..` stopping at the root,
-/// as inside the container) to a regular file; returns its path and whether
-/// it is executable.
-fn resolve(nodes: &HashMap<RelPath, Node>, start: &[u8]) -> Result<(String, bool), String> {
-    let mut pending: Vec<Vec<u8>> = start
-        .rsplit(|&b| b == b'/')
-        .filter(|s| !s.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect();
-    let mut cur: Vec<Vec<u8>> = Vec::new();
-    let mut hops = 0;
-    while let Some(part) = pending.pop() {
-        if part == b"." {
-            continue;
-        }
-        if part == b".." {
-            cur.pop();
-            continue;
-        }
-        cur.push(part);
-        let here = RelPath::from_components(&cur);
-        match nodes.get(&here) {
-            None => return Err(format!("/{here} does not exist")),
-            Some(Node::Dir) if !pending.is_empty() => {}
-            Some(Node::Dir) => return Err(format!("/{here} is a directory")),
-            Some(Node::Symlink(target)) => {
-                hops += 1;
-                if hops > 40 {
-                    return Err(format!("too many symlinks at /{here}"));
-                }
-                cur.pop();
-                if target.first() == Some(&b'/') {
-                    cur.clear();
-                }
-                for seg in target.rsplit(|&b| b == b'/') {
-                    if !seg.is_empty() {
-                        pending.push(seg.to_vec());
-                    }
-                }
-            }
-            Some(_) if !pending.is_empty() => return Err(format!("/{here} is not a directory")),
-            Some(Node::File { executable }) => return Ok((format!("/{here}"), *executable)),
-            Some(Node::Hardlink(target)) => match nodes.get(target) {
-                Some(Node::File { executable }) => return Ok((format!("/{here}"), *executable)),
-                _ => return Err(format!("/{here} is a hardlink to a missing file")),
-            },
-            Some(Node::Other) => return Err(format!("/{here} is not a regular file")),
-        }
-    }
-    Err("/sbin/init resolves to the root directory".into())
 }
 
 fn verify_oci(path: &Path, checks: &mut Checks) -> Result<()> {
@@ -649,35 +420,7 @@ fn verify_oci(path: &Path, checks: &mut Checks) -> Result<()> {
             format!("{} diff_ids for {} layers", diff_ids.len(), layers.len()),
         );
     }
-    let entry = config
-        .pointer("/config/Entrypoint")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
-    const ENTRY: &str = "Entrypoint starts hakim-init";
-    if entry.starts_with(crate::inject::INIT_PATH) {
-        checks.pass(ENTRY, entry);
-    } else {
-        checks.warn(
-            ENTRY,
-            format!("Entrypoint is '{entry}': the Coder agent will not start by itself"),
-        );
-    }
-    if config
-        .pointer("/config/User")
-        .and_then(Value::as_str)
-        .is_some_and(|u| !u.is_empty())
-    {
-        checks.warn(
-            "no User (Proxmox would run the init as that user)",
-            config["config"]["User"].as_str().unwrap_or_default(),
-        );
-    }
+    checks.0.extend(config_checks(&config));
 
     for (i, l) in layers.iter().enumerate() {
         check_layer(&index, i, l, diff_ids.get(i).map(String::as_str), checks)?;
@@ -756,7 +499,7 @@ fn check_layer(
     let size = desc.get("size").and_then(Value::as_u64);
     let mut ignored = Vec::new();
     let mut escapes = Offenders::default();
-    let mut whiteouts = 0u64;
+    let mut rules = MemberRules::new(Stream::OciLayer(i + 1));
     let walked = layer::walk_tar(
         index.open(&name)?,
         None,
@@ -764,8 +507,7 @@ fn check_layer(
         &mut ignored,
         |ordinal, entry, pax| {
             match layer::parse_member(entry, pax) {
-                Ok(m) if !matches!(m.role, Role::Plain) => whiteouts += 1,
-                Ok(_) => {}
+                Ok(m) => rules.observe(Member::from_parsed(&m)),
                 Err(e) => escapes.add(|| format!("#{ordinal}: {e:#}")),
             }
             Ok(())
@@ -822,78 +564,6 @@ fn check_layer(
         &escapes,
         Status::Fail,
     );
-    if whiteouts > 0 {
-        checks.warn(
-            &format!("layer {}: no whiteouts", i + 1),
-            format!("{whiteouts} whiteout/opaque markers (Proxmox must apply them)"),
-        );
-    }
+    checks.0.extend(rules.finish(None));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn nodes(list: &[(&str, Node)]) -> HashMap<RelPath, Node> {
-        list.iter()
-            .map(|(p, n)| {
-                let n = match n {
-                    Node::Dir => Node::Dir,
-                    Node::File { executable } => Node::File {
-                        executable: *executable,
-                    },
-                    Node::Symlink(t) => Node::Symlink(t.clone()),
-                    Node::Hardlink(t) => Node::Hardlink(t.clone()),
-                    Node::Other => Node::Other,
-                };
-                (RelPath::parse(p.as_bytes()).unwrap(), n)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn init_resolution_follows_symlinks_inside_the_root() {
-        let merged_usr = nodes(&[
-            ("sbin", Node::Symlink(b"usr/sbin".to_vec())),
-            ("usr", Node::Dir),
-            ("usr/sbin", Node::Dir),
-            (
-                "usr/sbin/init",
-                Node::Symlink(b"/usr/local/sbin/hakim-init".to_vec()),
-            ),
-            ("usr/local", Node::Dir),
-            ("usr/local/sbin", Node::Dir),
-            ("usr/local/sbin/hakim-init", Node::File { executable: true }),
-        ]);
-        assert_eq!(
-            resolve(&merged_usr, b"sbin/init").unwrap().0,
-            "/usr/local/sbin/hakim-init"
-        );
-        // `..` above the root stays at the root, as in the container.
-        let dotdot = nodes(&[
-            ("sbin", Node::Dir),
-            ("sbin/init", Node::Symlink(b"../../../../bin/x".to_vec())),
-            ("bin", Node::Dir),
-            ("bin/x", Node::File { executable: false }),
-        ]);
-        assert_eq!(
-            resolve(&dotdot, b"sbin/init").unwrap(),
-            ("/bin/x".into(), false)
-        );
-        let dangling = nodes(&[
-            ("sbin", Node::Dir),
-            ("sbin/init", Node::Symlink(b"/lib/systemd/systemd".to_vec())),
-        ]);
-        assert!(resolve(&dangling, b"sbin/init")
-            .unwrap_err()
-            .contains("does not exist"));
-        let looped = nodes(&[
-            ("sbin", Node::Dir),
-            ("sbin/init", Node::Symlink(b"init".to_vec())),
-        ]);
-        assert!(resolve(&looped, b"sbin/init")
-            .unwrap_err()
-            .contains("too many"));
-    }
 }

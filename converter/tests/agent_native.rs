@@ -6,34 +6,15 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{listing, rewrite_image, Fixture};
+use common::{fake_init, listing, rewrite_image, Fixture};
 use hakim_convert::compress::OutputCompression;
 use hakim_convert::convert::{convert, ConvertOptions, OutputFormat, Summary};
 use hakim_convert::inject::InjectOptions;
 use hakim_convert::sample::{BlobCompression, LayerBuilder, SampleLayer};
 use hakim_convert::verify::{self, Status};
 use serde_json::Value;
-
-/// A minimal static x86-64 ELF header: enough for the converter's checks.
-fn fake_init(dir: &Path, machine: u16, dynamic: bool) -> PathBuf {
-    let mut b = vec![0u8; 64 + 56];
-    b[..4].copy_from_slice(b"\x7fELF");
-    b[4] = 2;
-    b[5] = 1;
-    b[6] = 1;
-    b[16] = 2; // ET_EXEC
-    b[18..20].copy_from_slice(&machine.to_le_bytes());
-    b[32..40].copy_from_slice(&64u64.to_le_bytes());
-    b[54..56].copy_from_slice(&56u16.to_le_bytes());
-    b[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let p_type: u32 = if dynamic { 3 } else { 1 };
-    b[64..68].copy_from_slice(&p_type.to_le_bytes());
-    let path = dir.join(format!("init-{machine}-{dynamic}"));
-    std::fs::write(&path, &b).unwrap();
-    path
-}
 
 /// A merged-/usr Debian-like image with systemd's /sbin/init, SSH host keys,
 /// a resolv.conf symlink, a machine-id, Env and a User.
@@ -196,7 +177,9 @@ fn read_oci(path: &Path) -> Oci {
 }
 
 fn convert_ok(o: &ConvertOptions) -> Summary {
-    convert(o).unwrap_or_else(|e| panic!("{e:#}"))
+    let s = convert(o).unwrap_or_else(|e| panic!("{e:#}"));
+    common::assert_convert_matches_verify(&s);
+    s
 }
 
 #[test]

@@ -350,6 +350,56 @@ impl Compression {
     }
 }
 
+/// Proxmox's acceptance rules: what `convert --json` announced (`proxmox`) is
+/// exactly what `hakim-convert verify` does not pass on the same artifact —
+/// same rules, same WARN/FAIL — and every announcement carries a fix.
+pub fn assert_convert_matches_verify(artifact: &Path, convert_json: &serde_json::Value) {
+    let out = Command::new(converter_bin())
+        .args(["verify", "--json"])
+        .arg(artifact)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run hakim-convert verify: {e}"));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify --json printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let key = |c: &serde_json::Value| {
+        format!(
+            "{} [{}]",
+            c["rule"].as_str().unwrap_or("?"),
+            c["status"].as_str().unwrap_or("?")
+        )
+    };
+    let mut refused: Vec<String> = report["checks"]
+        .as_array()
+        .expect("verify JSON has checks")
+        .iter()
+        .filter(|c| c["status"] != "pass")
+        .map(key)
+        .collect();
+    let announced_list = convert_json["proxmox"]
+        .as_array()
+        .unwrap_or_else(|| panic!("convert JSON has no \"proxmox\" list: {convert_json}"));
+    let mut announced: Vec<String> = announced_list.iter().map(key).collect();
+    refused.sort();
+    announced.sort();
+    assert_eq!(
+        refused,
+        announced,
+        "{}: verify's WARN/FAIL (left) differ from what convert announced (right)",
+        artifact.display()
+    );
+    for c in announced_list {
+        assert!(
+            c["fix"].as_str().is_some_and(|f| !f.is_empty()),
+            "announced without a fix: {c}"
+        );
+    }
+}
+
 /// One successful `hakim-convert convert … --json` run.
 #[derive(Debug)]
 pub struct Conversion {
@@ -459,6 +509,19 @@ pub fn convert_to(
             .args(["-c", "--strict", "sha256sums.txt"])
             .current_dir(outdir.path()),
     );
+    // Only artifacts and their sums stay in the output directory.
+    let mut left: Vec<String> = fs::read_dir(outdir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut expected = vec![file_name.clone(), "sha256sums.txt".to_string()];
+    expected.sort();
+    assert_eq!(
+        left, expected,
+        "the output directory holds more than the artifact"
+    );
+    assert_convert_matches_verify(&artifact, &json);
     Conversion {
         outdir,
         artifact,

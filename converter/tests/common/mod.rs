@@ -49,7 +49,9 @@ impl Fixture {
     }
 
     pub fn convert(&self) -> Result<Summary, String> {
-        convert(&self.options(OutputCompression::None)).map_err(|e| format!("{e:#}"))
+        let s = convert(&self.options(OutputCompression::None)).map_err(|e| format!("{e:#}"))?;
+        assert_convert_matches_verify(&s);
+        Ok(s)
     }
 
     /// Files left in the output directory, hidden ones included.
@@ -62,6 +64,57 @@ impl Fixture {
             .collect();
         v.sort();
         v
+    }
+}
+
+/// A minimal static x86-64 ELF header: enough for the converter's checks.
+pub fn fake_init(dir: &Path, machine: u16, dynamic: bool) -> PathBuf {
+    let mut b = vec![0u8; 64 + 56];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2;
+    b[5] = 1;
+    b[6] = 1;
+    b[16] = 2; // ET_EXEC
+    b[18..20].copy_from_slice(&machine.to_le_bytes());
+    b[32..40].copy_from_slice(&64u64.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let p_type: u32 = if dynamic { 3 } else { 1 };
+    b[64..68].copy_from_slice(&p_type.to_le_bytes());
+    let path = dir.join(format!("init-{machine}-{dynamic}"));
+    std::fs::write(&path, &b).unwrap();
+    path
+}
+
+/// Proxmox's acceptance rules: the rules `convert` announced for an artifact
+/// (`Summary::proxmox`) are exactly those `verify` reports as WARN or FAIL on
+/// it, with the same status, and each announcement names its fix.
+pub fn assert_convert_matches_verify(s: &Summary) {
+    use hakim_convert::verify::{verify, Status};
+    let report = verify(&s.artifact).unwrap();
+    let key = |c: &hakim_convert::acceptance::Check| format!("{} [{:?}]", c.rule, c.status);
+    let mut refused: Vec<String> = report
+        .checks
+        .iter()
+        .filter(|c| c.status != Status::Pass)
+        .map(key)
+        .collect();
+    let mut announced: Vec<String> = s.proxmox.iter().map(key).collect();
+    refused.sort();
+    announced.sort();
+    assert_eq!(
+        refused,
+        announced,
+        "{}: verify's WARN/FAIL (left) differ from convert's announcements (right)",
+        s.artifact.display()
+    );
+    for c in &s.proxmox {
+        assert!(c.fix.is_some(), "announced without a fix: {c:?}");
+        assert!(
+            s.warnings.contains(&c.announce()),
+            "not in the warnings: {}",
+            c.announce()
+        );
     }
 }
 
