@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::Fixture;
 use hakim_convert::compress::OutputCompression;
-use hakim_convert::convert::convert;
+use hakim_convert::convert::{convert, ConvertOptions};
 use hakim_convert::sample::{BlobCompression, LayerBuilder as L, SampleLayer};
 use hakim_convert::tarout::OutKind;
 use hakim_convert::tree::Xattr;
@@ -286,5 +286,34 @@ fn reproducible_across_thread_counts_and_mtimes_clamped() {
     for e in ar.entries().unwrap() {
         // LayerBuilder stamps 1_700_000_000; the implicit root gets the epoch.
         assert!(e.unwrap().header().mtime().unwrap() <= 1_600_000_000);
+    }
+}
+
+#[test]
+fn concurrent_runs_to_one_name_leave_sums_that_match_the_files() {
+    // Three runs write the same artifact name with different bytes (another
+    // SOURCE_DATE_EPOCH each) into one directory, again and again: whatever
+    // order their renames and sums updates take, `sha256sum -c` must pass and
+    // every artifact must be listed.
+    let f = Fixture::new(&[gz(L::new()
+        .file("etc/os-release", "ID=debian\nVERSION_CODENAME=trixie\n")
+        .file("data", &"x".repeat(200_000)))]);
+    for _ in 0..10 {
+        std::thread::scope(|s| {
+            for epoch in [1_500_000_000u64, 1_600_000_000, 1_650_000_000] {
+                let o = ConvertOptions {
+                    source_date_epoch: Some(epoch),
+                    ..f.options(OutputCompression::Zstd)
+                };
+                s.spawn(move || convert(&o).unwrap());
+            }
+        });
+        let st = Command::new("sha256sum")
+            .args(["-c", "--strict", "--quiet", "sha256sums.txt"])
+            .current_dir(f.out())
+            .status()
+            .unwrap();
+        assert!(st.success(), "sha256sums.txt disagrees with the files");
+        assert_eq!(f.outputs(), ["fixture.tar.zst", "sha256sums.txt"]);
     }
 }

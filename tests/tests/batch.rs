@@ -200,18 +200,60 @@ fn sha256sum_check(out: &Path) {
     );
 }
 
+/// Nothing but artifacts (each listed in `sha256sums.txt`), `sha256sums.txt` and `sources.txt`
+/// in an output directory: no temporary or lock files (release steps upload `out/*`).
 fn no_partials(out: &Path) {
+    let sums = fs::read_to_string(out.join("sha256sums.txt")).unwrap_or_default();
+    let listed: Vec<&str> = sums
+        .lines()
+        .filter_map(|l| l.split_once("  ").map(|(_, f)| f))
+        .collect();
     let left: Vec<String> = fs::read_dir(out)
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".partial"))
+        .filter(|n| n != "sha256sums.txt" && n != "sources.txt" && !listed.contains(&n.as_str()))
         .collect();
     assert!(
         left.is_empty(),
-        "partial files left in {}: {left:?}",
+        "files other than artifacts and their records left in {}: {left:?}",
         out.display()
     );
+}
+
+#[test]
+fn batch_without_output_dir_writes_into_the_current_directory() {
+    let Some(Family { reg, .. }) = family(&["php"]) else {
+        return;
+    };
+    let cwd = scratch_dir("batch-cwd-");
+    let cache = scratch_dir("batch-cache-");
+    let mut cmd = Command::new(hakim_e2e::converter_bin());
+    cmd.args(["batch", "--namespace", &format!("{}/e2e", reg.host())])
+        .args([
+            "--variant",
+            "php",
+            "--tag",
+            "1",
+            "--compression",
+            "zstd",
+            "-q",
+        ])
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .current_dir(cwd.path())
+        .envs(reg.client_env());
+    run_ok(&mut cmd);
+    let mut names: Vec<String> = fs::read_dir(cwd.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names[0].starts_with("hakim-php-") && names[0].ends_with("-amd64.tar.zst"));
+    assert_eq!(names[1..], ["sha256sums.txt", "sources.txt"]);
+    sha256sum_check(cwd.path());
+    no_partials(cwd.path());
 }
 
 #[test]
