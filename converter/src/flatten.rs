@@ -20,6 +20,7 @@ use crate::layer::{self, LayerDesc, LayerStats, MemberKind};
 use crate::path::{RelPath, MAX_NAME_BYTES, MAX_PATH_BYTES};
 use crate::source::ResolvedImage;
 use crate::tarout::{OutEntry, OutKind, TarWriter};
+use crate::text::{printable, NAME_SHOWN};
 use crate::tree::{Inode, InodeId, Kind, NodeId, Source, Tree, Xattr};
 use crate::whiteout::Role;
 
@@ -285,8 +286,8 @@ fn filtered_xattrs(
             warns.add(
                 "xattrs dropped",
                 format!(
-                    "'{path}': xattr {:?} dropped (a name with '=' or NUL cannot be written)",
-                    String::from_utf8_lossy(k)
+                    "'{path}': xattr '{}' dropped (a name with '=' or NUL cannot be written)",
+                    printable(k, NAME_SHOWN)
                 ),
             );
             continue;
@@ -299,7 +300,7 @@ fn filtered_xattrs(
                 "xattrs dropped",
                 format!(
                     "'{path}': xattr {} dropped (Proxmox keeps only user.* and security.capability)",
-                    String::from_utf8_lossy(k)
+                    printable(k, NAME_SHOWN)
                 ),
             );
         }
@@ -363,8 +364,10 @@ pub fn emit<W: Write>(
         }
     });
     if let Some((path, why)) = bad_path {
-        let head: String = path.to_string().chars().take(80).collect();
-        bail!("'{head}…' {why} once symlinked parents are resolved; it could not be extracted");
+        bail!(
+            "'{}' {why} once symlinked parents are resolved; it could not be extracted",
+            printable(path.as_bytes(), 80)
+        );
     }
     files.sort_unstable();
 

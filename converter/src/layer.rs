@@ -12,6 +12,7 @@ use base64::Engine as _;
 use crate::digest::{Digest, HashRead};
 use crate::path::{RelPath, MAX_PATH_BYTES};
 use crate::tarstream::{parse_pax, TarStream};
+use crate::text::{printable, NAME_SHOWN};
 use crate::tree::{Meta, Xattr};
 use crate::whiteout::{self, Role};
 
@@ -320,7 +321,7 @@ fn lossy(b: &[u8]) -> String {
 /// Interprets one tar member. Errors name the member; the caller adds the layer.
 pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Member> {
     let raw_name = entry.path_bytes().into_owned();
-    let shown = lossy(&raw_name);
+    let mut shown = printable(&raw_name, NAME_SHOWN);
     let header = entry.header();
     let ty = header.entry_type();
     // Blank numeric fields (all NUL/space) occur in hand-made archives; read them
@@ -354,6 +355,7 @@ pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Me
     for (key, value) in records {
         let key = key.as_slice();
         if key == b"path" {
+            shown = printable(&value, NAME_SHOWN);
             raw_name = value;
         } else if key == b"linkpath" {
             link = Some(value);
@@ -431,7 +433,10 @@ pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Me
             let target =
                 link.ok_or_else(|| anyhow!("entry '{shown}': hardlink without a target"))?;
             let target = RelPath::parse(&target).map_err(|e| {
-                anyhow!("entry '{shown}': hardlink target '{}': {e}", lossy(&target))
+                anyhow!(
+                    "entry '{shown}': hardlink target '{}': {e}",
+                    printable(&target, NAME_SHOWN)
+                )
             })?;
             MemberKind::Hardlink(target)
         }

@@ -22,6 +22,7 @@ use crate::layer::{self, Compression, MemberKind};
 use crate::ociout::{CONFIG_TYPE, INDEX_TYPE, LAYER_GZIP, LAYER_ZSTD, MANIFEST_TYPE};
 use crate::output;
 use crate::source::tar_index::TarIndex;
+use crate::text::{printable, NAME_SHOWN};
 
 const LAYER_PLAIN: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Largest JSON document (index, manifest, config) read into memory.
@@ -71,7 +72,7 @@ impl Checks {
 }
 
 fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    printable(b, NAME_SHOWN)
 }
 
 /// Verifies `path`, telling the kind from its content.

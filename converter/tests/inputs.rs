@@ -7,6 +7,7 @@ use std::process::Command;
 
 use common::{flatten_err, listing, non_dirs, Fixture};
 use hakim_convert::sample::{compress_blob, BlobCompression, LayerBuilder as L, SampleLayer};
+use hakim_convert::tarout::OutKind;
 
 fn gz(l: L) -> SampleLayer {
     SampleLayer::new(l.finish(), BlobCompression::Gzip)
@@ -170,6 +171,63 @@ fn pax_sparse_is_refused_and_gnu_sparse_is_expanded() {
     assert!(found);
     let err = flatten_err(&[SampleLayer::new(make("pax"), BlobCompression::Gzip)]);
     assert!(err.contains("PAX sparse"), "{err}");
+}
+
+/// Names reach messages escaped and cut (issue 13): NUL bytes, terminal
+/// escapes, bytes that are not UTF-8 and 4 KB names were printed raw.
+#[test]
+fn member_names_in_messages_are_escaped_and_cut() {
+    // A NUL byte, only a PAX path can carry it.
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("path", &b"a\0b"[..])]).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("placeholder").unwrap();
+    h.set_size(0);
+    h.set_cksum();
+    b.append(&h, &[][..]).unwrap();
+    let err = flatten_err(&[SampleLayer::new(
+        b.into_inner().unwrap(),
+        BlobCompression::Plain,
+    )]);
+    assert!(err.contains("'a\\0b'"), "{err}");
+    assert!(!err.contains('\0'), "{err:?}");
+
+    // A 4200-byte name: cut, with its length.
+    let err = flatten_err(&[gz(L::new().file(&"d/".repeat(2100), "x"))]);
+    assert!(err.contains("… (4200 bytes)"), "{err}");
+    assert!(err.len() < 600, "{} bytes: {err}", err.len());
+
+    // Terminal escapes and a byte that is not UTF-8, in an error (a hardlink
+    // to a missing target) and in a warning (skipped AUFS metadata).
+    let weird = b"t\x1b]0;owned\x07\xff";
+    let err = flatten_err(&[gz(L::new().entry(
+        b"link",
+        OutKind::Hardlink,
+        0o644,
+        Some(weird),
+        b"",
+        &[],
+    ))]);
+    assert!(err.contains("'t\\x1b]0;owned\\x07\\xff'"), "{err}");
+    assert!(
+        !err.contains('\x1b') && !err.contains('\u{fffd}'),
+        "{err:?}"
+    );
+    let f = Fixture::new(&[gz(L::new().file("a", "a").entry(
+        b".wh..wh.\x1b[2J\xfe",
+        OutKind::File,
+        0o644,
+        None,
+        b"",
+        &[],
+    ))]);
+    let s = f.convert().unwrap();
+    let warning = s
+        .warnings
+        .iter()
+        .find(|w| w.contains("AUFS"))
+        .expect("an AUFS warning");
+    assert!(warning.contains("'.wh..wh.\\x1b[2J\\xfe'"), "{warning}");
 }
 
 #[test]
