@@ -49,6 +49,8 @@ pub struct BatchOptions {
     pub inject: Option<InjectOptions>,
     /// OCI archives: keep the source layers instead of one flattened layer.
     pub keep_layers: bool,
+    /// Largest sparse file accepted (see [`ConvertOptions::max_sparse_size`]).
+    pub max_sparse_size: u64,
     pub source_date_epoch: Option<u64>,
     pub cancel: Arc<AtomicBool>,
     /// Cache, credentials, TLS… shared by every variant. Its progress display is
@@ -342,6 +344,7 @@ impl BatchOptions {
                 keep_layers: self.keep_layers && out.format == Format::OciArchive,
                 inject: self.inject.clone(),
                 source_date_epoch: self.source_date_epoch,
+                max_sparse_size: self.max_sparse_size,
                 cancel: self.cancel.clone(),
                 registry: self.registry_options(),
                 ..ConvertOptions::new(v.pinned.clone(), self.output_dir.clone())

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use crate::acceptance::{Check, MemberRules, Status, Stream};
 use crate::compress::{Encoder, OutputCompression};
 use crate::digest::Digest;
-use crate::flatten::{self, EmitOptions, EmitStats, NameStyle};
+use crate::flatten::{self, EmitOptions, EmitStats, Limits, NameStyle};
 use crate::inject::{self, InjectOptions};
 use crate::layer::{Compression, LayerDesc};
 use crate::ociout::{self, OciArchive, OciOptions};
@@ -69,6 +69,9 @@ pub struct ConvertOptions {
     pub push: Option<String>,
     /// `SOURCE_DATE_EPOCH`.
     pub source_date_epoch: Option<u64>,
+    /// Largest size of a sparse file, holes included (`--max-sparse-size`):
+    /// a layer claiming more is refused in pass 1.
+    pub max_sparse_size: u64,
     /// Set (e.g. by a signal handler) to abort; the partial file is removed.
     pub cancel: Arc<AtomicBool>,
     /// Show a progress bar (only effective on a terminal).
@@ -97,6 +100,7 @@ impl ConvertOptions {
             inject: None,
             push: None,
             source_date_epoch: None,
+            max_sparse_size: flatten::DEFAULT_MAX_SPARSE_SIZE,
             cancel: Arc::new(AtomicBool::new(false)),
             progress: false,
             registry: RegistryOptions::default(),
@@ -275,8 +279,15 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         spinner.set_message(format!("verifying and indexing layer {}/{n}", i + 1));
         spinner.tick();
     };
-    let mut index =
-        flatten::index_layers(&image, opts.source_date_epoch.unwrap_or(0), &mut on_layer)?;
+    let limits = Limits {
+        max_sparse_size: opts.max_sparse_size,
+    };
+    let mut index = flatten::index_layers(
+        &image,
+        opts.source_date_epoch.unwrap_or(0),
+        limits,
+        &mut on_layer,
+    )?;
     spinner.finish_and_clear();
     cancelled(&opts.cancel)?;
 
@@ -363,13 +374,13 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
 
-    // Progress over the bytes of file content to copy.
+    // Progress over the bytes of file content to copy (sparse files: their data).
     let mut total = 0u64;
     let mut seen = std::collections::HashSet::new();
     index.tree.visit(|_, _, id| {
-        if let Kind::File { size, .. } = index.tree.inode(id).kind {
+        if let Kind::File { stored, .. } = index.tree.inode(id).kind {
             if seen.insert(id) {
-                total += size;
+                total += stored;
             }
         }
     });

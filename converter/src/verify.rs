@@ -169,15 +169,15 @@ fn verify_rootfs(path: &Path, checks: &mut Checks) -> Result<()> {
         None,
         &path.display().to_string(),
         &mut ignored,
-        |ordinal, entry, pax| {
-            let member = match layer::parse_member(entry, pax) {
+        |ordinal, entry, raw| {
+            let member = match layer::parse_member(entry, raw) {
                 Ok(m) => m,
                 Err(e) => {
                     unparsable.add(|| format!("#{ordinal}: {e:#}"));
                     return Ok(());
                 }
             };
-            if let MemberKind::File { size } = member.kind {
+            if let MemberKind::File { size, .. } = member.kind {
                 // /etc/os-release wins over /usr/lib/os-release, as in Proxmox.
                 let name = member.path.to_bytes();
                 let etc = name == b"etc/os-release";
@@ -506,8 +506,8 @@ fn check_layer(
         None,
         &format!("layer {}", i + 1),
         &mut ignored,
-        |ordinal, entry, pax| {
-            match layer::parse_member(entry, pax) {
+        |ordinal, entry, raw| {
+            match layer::parse_member(entry, raw) {
                 Ok(m) => rules.observe(Member::from_parsed(&m)),
                 Err(e) => escapes.add(|| format!("#{ordinal}: {e:#}")),
             }
