@@ -395,8 +395,7 @@ impl BatchOptions {
 /// cannot be created, an unreadable record); each variant's failure is in the summary.
 pub fn run(opts: &BatchOptions) -> Result<BatchSummary> {
     let started = Instant::now();
-    fs::create_dir_all(&opts.output_dir)
-        .with_context(|| format!("cannot create {}", opts.output_dir.display()))?;
+    crate::output::prepare_dir(&opts.output_dir)?;
     let recorded = record::load(&opts.output_dir)?;
     let fingerprint = match &opts.inject {
         Some(i) => inject_fingerprint(i)?,

@@ -1,7 +1,6 @@
 //! The `convert` job: source → verified, flattened, compressed rootfs artifact
 //! plus its `sha256sums.txt` line, and a summary for humans and CI.
 
-use std::fs;
 use std::io::{self, BufWriter};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -367,8 +366,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     };
     output::check_file_name(&file_name)?;
 
-    fs::create_dir_all(&opts.output_dir)
-        .with_context(|| format!("cannot create {}", opts.output_dir.display()))?;
+    output::prepare_dir(&opts.output_dir)?;
     let final_path = opts.output_dir.join(&file_name);
     let threads = opts
         .threads
@@ -407,61 +405,66 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         cancelled(&cancel)
     };
     // Proxmox's acceptance rules, evaluated on what is written.
-    let checks: Vec<Check>;
-    let (entries, oci, sha256, size) = match opts.format {
-        OutputFormat::Rootfs => {
-            let hashed = HashWrite::new(pending.file());
-            let encoder = Encoder::new(opts.compression, level, threads, hashed)?;
-            let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, encoder));
-            tar.check_with(MemberRules::new(Stream::Rootfs));
-            let (stats, emit_warnings) = flatten::emit(
-                &image,
-                &mut index,
-                &EmitOptions {
-                    clamp_mtime: opts.source_date_epoch,
-                    names: NameStyle::Rootfs,
-                },
-                &mut tar,
-                &mut tick,
-            )?;
-            warnings.extend(emit_warnings);
-            let rules = tar.take_rules().expect("rules were given");
-            checks = rules.finish(os_release.as_deref());
-            let encoder = tar
-                .finish()
-                .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-                .context("cannot write the artifact")?;
-            let hashed = encoder.finish().context("cannot finish compression")?;
-            let (sha256, size, _) = hashed.finish();
-            (stats, None, sha256, size)
-        }
-        OutputFormat::OciArchive => {
-            let mut archive = ociout::write(
-                pending.file(),
-                &image,
-                &mut index,
-                &OciOptions {
-                    compression: opts.compression,
-                    level,
-                    threads,
-                    keep_layers: opts.keep_layers,
-                    init_injected: opts.inject.is_some(),
-                    tag: tag.clone(),
-                    source_date_epoch: opts.source_date_epoch,
-                },
-                &mut tick,
-            )?;
-            warnings.append(&mut archive.warnings);
-            checks = std::mem::take(&mut archive.checks);
-            let (sha256, size) = output::hash_file(pending.file())?;
-            (
-                archive.entries.take().unwrap_or_default(),
-                Some(archive),
-                sha256,
-                size,
-            )
-        }
-    };
+    let mut checks: Vec<Check> = Vec::new();
+    // Where a write fails (a full disk), the error names the output, however
+    // deep in a layer's copy it happened.
+    let written = (|| -> Result<_> {
+        Ok(match opts.format {
+            OutputFormat::Rootfs => {
+                let hashed = HashWrite::new(pending.output());
+                let encoder = Encoder::new(opts.compression, level, threads, hashed)?;
+                let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, encoder));
+                tar.check_with(MemberRules::new(Stream::Rootfs));
+                let (stats, emit_warnings) = flatten::emit(
+                    &image,
+                    &mut index,
+                    &EmitOptions {
+                        clamp_mtime: opts.source_date_epoch,
+                        names: NameStyle::Rootfs,
+                    },
+                    &mut tar,
+                    &mut tick,
+                )?;
+                warnings.extend(emit_warnings);
+                let rules = tar.take_rules().expect("rules were given");
+                checks = rules.finish(os_release.as_deref());
+                let encoder = tar
+                    .finish()
+                    .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+                    .context("cannot write the artifact")?;
+                let hashed = encoder.finish().context("cannot finish compression")?;
+                let (sha256, size, _) = hashed.finish();
+                (stats, None, sha256, size)
+            }
+            OutputFormat::OciArchive => {
+                let mut archive = ociout::write(
+                    pending.output(),
+                    &image,
+                    &mut index,
+                    &OciOptions {
+                        compression: opts.compression,
+                        level,
+                        threads,
+                        keep_layers: opts.keep_layers,
+                        init_injected: opts.inject.is_some(),
+                        tag: tag.clone(),
+                        source_date_epoch: opts.source_date_epoch,
+                    },
+                    &mut tick,
+                )?;
+                warnings.append(&mut archive.warnings);
+                checks = std::mem::take(&mut archive.checks);
+                let (sha256, size) = output::hash_file(pending.file())?;
+                (
+                    archive.entries.take().unwrap_or_default(),
+                    Some(archive),
+                    sha256,
+                    size,
+                )
+            }
+        })
+    })();
+    let (entries, oci, sha256, size) = written.map_err(|e| output::blame_output(e, &final_path))?;
     bar.finish_and_clear();
     cancelled(&opts.cancel)?;
     let proxmox: Vec<Check> = checks

@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::acceptance::{Member, MemberRules, Stream};
 use crate::layer::{self, LayerDesc, LayerStats, MemberKind};
+use crate::output;
 use crate::path::{RelPath, MAX_NAME_BYTES, MAX_PATH_BYTES};
 use crate::source::ResolvedImage;
 use crate::tarout::{OutEntry, OutKind, TarWriter};
@@ -572,7 +573,9 @@ pub fn emit<W: Write>(
                 }
             };
             let copied = copied.map_err(|e| {
-                if e.kind() == io::ErrorKind::Interrupted {
+                if output::is_output_fault(&e) {
+                    anyhow::Error::new(e).context("cannot write the artifact")
+                } else if e.kind() == io::ErrorKind::Interrupted {
                     anyhow!("interrupted")
                 } else {
                     anyhow!("{label}: member #{ordinal} '{primary}': {e}")
@@ -598,7 +601,14 @@ pub fn emit<W: Write>(
             }
             Ok(())
         })
-        .with_context(|| format!("{label}: second read"))?;
+        .map_err(|e| {
+            // A full disk is the output's fault, not this layer's.
+            if output::output_fault(&e).is_some() {
+                e
+            } else {
+                e.context(format!("{label}: second read"))
+            }
+        })?;
     }
     if next != files.len() {
         return Err(anyhow!(

@@ -75,9 +75,17 @@ fn lossy(b: &[u8]) -> String {
     printable(b, NAME_SHOWN)
 }
 
-/// Verifies `path`, telling the kind from its content.
+/// Verifies `path`, telling the kind from its content. An error (a missing
+/// file, a directory, an archive too broken to tell its kind) names `path`.
 pub fn verify(path: &Path) -> Result<Report> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    verify_file(path).with_context(|| format!("cannot verify {}", path.display()))
+}
+
+fn verify_file(path: &Path) -> Result<Report> {
+    let mut file = File::open(path)?;
+    if file.metadata()?.is_dir() {
+        anyhow::bail!("it is a directory, not an artifact file");
+    }
     let mut head = [0u8; 512];
     let n = read_up_to(&mut file, &mut head)?;
     let compression = Compression::sniff(&head[..n]);
@@ -159,7 +167,7 @@ fn check_sums(path: &Path, checks: &mut Checks) -> Result<()> {
 }
 
 fn verify_rootfs(path: &Path, checks: &mut Checks) -> Result<()> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file = File::open(path)?;
     let mut ignored = Vec::new();
     let mut unparsable = Offenders::default();
     let mut rules = MemberRules::new(Stream::Rootfs);
@@ -227,15 +235,27 @@ fn verify_rootfs(path: &Path, checks: &mut Checks) -> Result<()> {
 fn verify_oci(path: &Path, checks: &mut Checks) -> Result<()> {
     const NAMES: &str = "members are oci-layout, index.json and blobs/sha256/<hex> (no ./ prefix)";
     // Names exactly as stored (TarIndex normalises them).
+    const READS: &str = "the archive reads to its end";
     let mut names = Vec::new();
     {
         let file = File::open(path)?;
         let mut archive = tar::Archive::new(io::BufReader::new(file));
-        for entry in archive.entries().context("not a tar archive")? {
-            let entry = entry.context("corrupt tar archive")?;
-            names.push((entry.path_bytes().into_owned(), entry.header().entry_type()));
+        for entry in archive.entries()? {
+            match entry {
+                Ok(entry) => {
+                    names.push((entry.path_bytes().into_owned(), entry.header().entry_type()))
+                }
+                Err(e) => {
+                    checks.fail(
+                        READS,
+                        format!("truncated or corrupt after {} members: {e}", names.len()),
+                    );
+                    return Ok(());
+                }
+            }
         }
     }
+    checks.pass(READS, format!("{} members", names.len()));
     let mut bad_names = Offenders::default();
     for (name, ty) in &names {
         let ok = match &name[..] {

@@ -431,6 +431,55 @@ fn member_names_in_messages_are_escaped_and_cut() {
     assert!(warning.contains("'.wh..wh.\\x1b[2J\\xfe'"), "{warning}");
 }
 
+/// The command line names the file at fault (issue 13): `-o` naming a file,
+/// `verify` on a directory or on a truncated OCI archive.
+#[test]
+fn cli_messages_name_the_file_at_fault() {
+    let f = Fixture::new(&two_layers());
+    let a_file = f.dir.path().join("a-file");
+    std::fs::write(&a_file, "").unwrap();
+    let out = bin()
+        .args(["convert", &format!("oci:{}:1", f.layout().display()), "-o"])
+        .arg(&a_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("{} is not a directory", a_file.display())),
+        "{stderr}"
+    );
+
+    let out = bin().arg("verify").arg(f.dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&f.dir.path().display().to_string()) && stderr.contains("directory"),
+        "{stderr}"
+    );
+
+    let oci = convert(&ConvertOptions {
+        format: OutputFormat::OciArchive,
+        compression: OutputCompression::Gzip,
+        ..f.options(OutputCompression::Gzip)
+    })
+    .unwrap();
+    let bytes = std::fs::read(&oci.artifact).unwrap();
+    let truncated = f.dir.path().join("truncated.tar");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2 + 100]).unwrap();
+    let out = bin().arg("verify").arg(&truncated).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let shown = truncated.display().to_string();
+    assert!(stderr.contains(&shown), "{stderr}");
+    assert!(
+        stdout.contains(&format!("{shown} (oci-archive)"))
+            && stdout.contains("FAIL  the archive reads to its end"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn oci_archive_and_docker_archive_transports() {
     let layers = two_layers();

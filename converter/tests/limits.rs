@@ -351,6 +351,92 @@ fn a_sparse_bomb_costs_what_its_layer_holds() {
     assert_eq!(sparse, [("./var/lib/bomb".to_string(), TIB)]);
 }
 
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop; `None`
+/// when this process may not mount (not root, no tmpfs).
+struct SmallTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallTmpfs {
+    fn mount(size: &str) -> Option<SmallTmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallTmpfs { dir })
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// A full disk while writing is the output's fault: the error says so and
+/// names the output file, not the layer being copied ("second read: layer 2
+/// … No space left on device" before), and nothing is left behind.
+#[test]
+fn a_full_output_disk_is_reported_as_the_output() {
+    let Some(tmpfs) = SmallTmpfs::mount("1m") else {
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    // 4 MiB that no compressor shrinks, in the second layer.
+    let mut noise = vec![0u8; 4 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let noisy = L::new().entry(b"noise", OutKind::File, 0o644, None, &noise, &[]);
+    let f = Fixture::new(&[
+        plain(L::new().file("etc/os-release", "ID=debian\n")),
+        SampleLayer::new(noisy.finish(), BlobCompression::Gzip),
+    ]);
+    for (i, extra) in [
+        &["--compression", "none"][..],
+        &["--compression", "zstd"],
+        &["--format", "oci-archive"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = tmpfs.dir.path().join(format!("out{i}"));
+        let result = Command::new(env!("CARGO_BIN_EXE_hakim-convert"))
+            .arg("convert")
+            .arg(format!("oci:{}:1", f.layout().display()))
+            .arg("-o")
+            .arg(&out)
+            .args(["--name", "full", "-q"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot write the output file")
+                && stderr.contains(&out.join("full.tar").display().to_string())
+                && stderr.contains("No space left on device"),
+            "{extra:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("layer 2") && !stderr.contains("second read"),
+            "{extra:?}: {stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{extra:?}: left behind {left:?}");
+    }
+}
+
 /// The documented bound (docs/converter.md, "Memory"): a million entries in one
 /// layer stay under 600 MB. `ci/bench-limits.sh` runs this in release mode.
 #[test]
