@@ -19,6 +19,7 @@ use serde_json::Value;
 use crate::inject::INIT_PATH;
 use crate::layer::{self, MemberKind};
 use crate::path::RelPath;
+use crate::text::{printable, NAME_SHOWN};
 use crate::whiteout::Role;
 
 /// `ID`s Proxmox's container setup recognises; anything else needs `ostype: unmanaged`.
@@ -323,8 +324,9 @@ pub struct MemberRules {
     seen: HashSet<RelPath>,
 }
 
+/// Names in reports: escaped and cut ([`printable`]).
 fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    printable(b, NAME_SHOWN)
 }
 
 impl MemberRules {

@@ -49,6 +49,8 @@ pub struct BatchOptions {
     pub inject: Option<InjectOptions>,
     /// OCI archives: keep the source layers instead of one flattened layer.
     pub keep_layers: bool,
+    /// Largest sparse file accepted (see [`ConvertOptions::max_sparse_size`]).
+    pub max_sparse_size: u64,
     pub source_date_epoch: Option<u64>,
     pub cancel: Arc<AtomicBool>,
     /// Cache, credentials, TLS… shared by every variant. Its progress display is
@@ -342,6 +344,7 @@ impl BatchOptions {
                 keep_layers: self.keep_layers && out.format == Format::OciArchive,
                 inject: self.inject.clone(),
                 source_date_epoch: self.source_date_epoch,
+                max_sparse_size: self.max_sparse_size,
                 cancel: self.cancel.clone(),
                 registry: self.registry_options(),
                 ..ConvertOptions::new(v.pinned.clone(), self.output_dir.clone())
@@ -392,8 +395,7 @@ impl BatchOptions {
 /// cannot be created, an unreadable record); each variant's failure is in the summary.
 pub fn run(opts: &BatchOptions) -> Result<BatchSummary> {
     let started = Instant::now();
-    fs::create_dir_all(&opts.output_dir)
-        .with_context(|| format!("cannot create {}", opts.output_dir.display()))?;
+    crate::output::prepare_dir(&opts.output_dir)?;
     let recorded = record::load(&opts.output_dir)?;
     let fingerprint = match &opts.inject {
         Some(i) => inject_fingerprint(i)?,

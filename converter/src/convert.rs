@@ -1,7 +1,6 @@
 //! The `convert` job: source → verified, flattened, compressed rootfs artifact
 //! plus its `sha256sums.txt` line, and a summary for humans and CI.
 
-use std::fs;
 use std::io::{self, BufWriter};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use crate::acceptance::{Check, MemberRules, Status, Stream};
 use crate::compress::{Encoder, OutputCompression};
 use crate::digest::Digest;
-use crate::flatten::{self, EmitOptions, EmitStats, NameStyle};
+use crate::flatten::{self, EmitOptions, EmitStats, Limits, NameStyle};
 use crate::inject::{self, InjectOptions};
 use crate::layer::{Compression, LayerDesc};
 use crate::ociout::{self, OciArchive, OciOptions};
@@ -69,6 +68,9 @@ pub struct ConvertOptions {
     pub push: Option<String>,
     /// `SOURCE_DATE_EPOCH`.
     pub source_date_epoch: Option<u64>,
+    /// Largest size of a sparse file, holes included (`--max-sparse-size`):
+    /// a layer claiming more is refused in pass 1.
+    pub max_sparse_size: u64,
     /// Set (e.g. by a signal handler) to abort; the partial file is removed.
     pub cancel: Arc<AtomicBool>,
     /// Show a progress bar (only effective on a terminal).
@@ -97,6 +99,7 @@ impl ConvertOptions {
             inject: None,
             push: None,
             source_date_epoch: None,
+            max_sparse_size: flatten::DEFAULT_MAX_SPARSE_SIZE,
             cancel: Arc::new(AtomicBool::new(false)),
             progress: false,
             registry: RegistryOptions::default(),
@@ -275,8 +278,15 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         spinner.set_message(format!("verifying and indexing layer {}/{n}", i + 1));
         spinner.tick();
     };
-    let mut index =
-        flatten::index_layers(&image, opts.source_date_epoch.unwrap_or(0), &mut on_layer)?;
+    let limits = Limits {
+        max_sparse_size: opts.max_sparse_size,
+    };
+    let mut index = flatten::index_layers(
+        &image,
+        opts.source_date_epoch.unwrap_or(0),
+        limits,
+        &mut on_layer,
+    )?;
     spinner.finish_and_clear();
     cancelled(&opts.cancel)?;
 
@@ -356,20 +366,19 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     };
     output::check_file_name(&file_name)?;
 
-    fs::create_dir_all(&opts.output_dir)
-        .with_context(|| format!("cannot create {}", opts.output_dir.display()))?;
+    output::prepare_dir(&opts.output_dir)?;
     let final_path = opts.output_dir.join(&file_name);
     let threads = opts
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
 
-    // Progress over the bytes of file content to copy.
+    // Progress over the bytes of file content to copy (sparse files: their data).
     let mut total = 0u64;
     let mut seen = std::collections::HashSet::new();
     index.tree.visit(|_, _, id| {
-        if let Kind::File { size, .. } = index.tree.inode(id).kind {
+        if let Kind::File { stored, .. } = index.tree.inode(id).kind {
             if seen.insert(id) {
-                total += size;
+                total += stored;
             }
         }
     });
@@ -396,61 +405,66 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         cancelled(&cancel)
     };
     // Proxmox's acceptance rules, evaluated on what is written.
-    let checks: Vec<Check>;
-    let (entries, oci, sha256, size) = match opts.format {
-        OutputFormat::Rootfs => {
-            let hashed = HashWrite::new(pending.file());
-            let encoder = Encoder::new(opts.compression, level, threads, hashed)?;
-            let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, encoder));
-            tar.check_with(MemberRules::new(Stream::Rootfs));
-            let (stats, emit_warnings) = flatten::emit(
-                &image,
-                &mut index,
-                &EmitOptions {
-                    clamp_mtime: opts.source_date_epoch,
-                    names: NameStyle::Rootfs,
-                },
-                &mut tar,
-                &mut tick,
-            )?;
-            warnings.extend(emit_warnings);
-            let rules = tar.take_rules().expect("rules were given");
-            checks = rules.finish(os_release.as_deref());
-            let encoder = tar
-                .finish()
-                .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-                .context("cannot write the artifact")?;
-            let hashed = encoder.finish().context("cannot finish compression")?;
-            let (sha256, size, _) = hashed.finish();
-            (stats, None, sha256, size)
-        }
-        OutputFormat::OciArchive => {
-            let mut archive = ociout::write(
-                pending.file(),
-                &image,
-                &mut index,
-                &OciOptions {
-                    compression: opts.compression,
-                    level,
-                    threads,
-                    keep_layers: opts.keep_layers,
-                    init_injected: opts.inject.is_some(),
-                    tag: tag.clone(),
-                    source_date_epoch: opts.source_date_epoch,
-                },
-                &mut tick,
-            )?;
-            warnings.append(&mut archive.warnings);
-            checks = std::mem::take(&mut archive.checks);
-            let (sha256, size) = output::hash_file(pending.file())?;
-            (
-                archive.entries.take().unwrap_or_default(),
-                Some(archive),
-                sha256,
-                size,
-            )
-        }
-    };
+    let mut checks: Vec<Check> = Vec::new();
+    // Where a write fails (a full disk), the error names the output, however
+    // deep in a layer's copy it happened.
+    let written = (|| -> Result<_> {
+        Ok(match opts.format {
+            OutputFormat::Rootfs => {
+                let hashed = HashWrite::new(pending.output());
+                let encoder = Encoder::new(opts.compression, level, threads, hashed)?;
+                let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, encoder));
+                tar.check_with(MemberRules::new(Stream::Rootfs));
+                let (stats, emit_warnings) = flatten::emit(
+                    &image,
+                    &mut index,
+                    &EmitOptions {
+                        clamp_mtime: opts.source_date_epoch,
+                        names: NameStyle::Rootfs,
+                    },
+                    &mut tar,
+                    &mut tick,
+                )?;
+                warnings.extend(emit_warnings);
+                let rules = tar.take_rules().expect("rules were given");
+                checks = rules.finish(os_release.as_deref());
+                let encoder = tar
+                    .finish()
+                    .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+                    .context("cannot write the artifact")?;
+                let hashed = encoder.finish().context("cannot finish compression")?;
+                let (sha256, size, _) = hashed.finish();
+                (stats, None, sha256, size)
+            }
+            OutputFormat::OciArchive => {
+                let mut archive = ociout::write(
+                    pending.output(),
+                    &image,
+                    &mut index,
+                    &OciOptions {
+                        compression: opts.compression,
+                        level,
+                        threads,
+                        keep_layers: opts.keep_layers,
+                        init_injected: opts.inject.is_some(),
+                        tag: tag.clone(),
+                        source_date_epoch: opts.source_date_epoch,
+                    },
+                    &mut tick,
+                )?;
+                warnings.append(&mut archive.warnings);
+                checks = std::mem::take(&mut archive.checks);
+                let (sha256, size) = output::hash_file(pending.file())?;
+                (
+                    archive.entries.take().unwrap_or_default(),
+                    Some(archive),
+                    sha256,
+                    size,
+                )
+            }
+        })
+    })();
+    let (entries, oci, sha256, size) = written.map_err(|e| output::blame_output(e, &final_path))?;
     bar.finish_and_clear();
     cancelled(&opts.cancel)?;
     let proxmox: Vec<Check> = checks

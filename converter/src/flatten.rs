@@ -17,11 +17,87 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::acceptance::{Member, MemberRules, Stream};
 use crate::layer::{self, LayerDesc, LayerStats, MemberKind};
+use crate::output;
 use crate::path::{RelPath, MAX_NAME_BYTES, MAX_PATH_BYTES};
 use crate::source::ResolvedImage;
 use crate::tarout::{OutEntry, OutKind, TarWriter};
+use crate::text::{printable, NAME_SHOWN};
 use crate::tree::{Inode, InodeId, Kind, NodeId, Source, Tree, Xattr};
 use crate::whiteout::Role;
+
+/// The default largest size of a sparse file, holes included
+/// (`--max-sparse-size`).
+pub const DEFAULT_MAX_SPARSE_SIZE: u64 = 64 << 30;
+
+/// What pass 1 accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest size of a sparse file, holes included. Sparse files are written
+    /// sparse, so this bounds what a header may claim, not the work done: a
+    /// sparse file costs the converter only the data it stores.
+    pub max_sparse_size: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sparse_size: DEFAULT_MAX_SPARSE_SIZE,
+        }
+    }
+}
+
+/// A size given by a user: bytes, or a number with a binary unit (`K`, `M`,
+/// `G`, `T`, `P`, `E`, optionally followed by `iB` or `B`): `64G`, `1TiB`,
+/// `1.5T`, `4096`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let unit = unit.trim().to_ascii_uppercase();
+    let unit = unit
+        .strip_suffix("IB")
+        .or_else(|| unit.strip_suffix('B'))
+        .unwrap_or(&unit);
+    let shift = match unit {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        "P" => 50,
+        "E" => 60,
+        _ => return Err(format!("'{text}': unknown unit (use K, M, G, T, P or E)")),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (e.g. 64G, 1T, 4096)"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("'{text}' is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// `64 GiB`, `1.5 TiB`, `512 bytes`: a size for messages.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
 
 /// Small files whose content pass 1 keeps (to name and check the artifact).
 const CAPTURED_NAMES: &[&[u8]] = &[b"os-release"];
@@ -40,6 +116,7 @@ pub struct Index {
     pub layer_rules: Vec<MemberRules>,
     captured: HashMap<Source, Vec<u8>>,
     pub warnings: Vec<String>,
+    limits: Limits,
 }
 
 impl Index {
@@ -90,6 +167,7 @@ impl WarningSink {
 pub fn index_layers(
     image: &ResolvedImage,
     implicit_mtime: u64,
+    limits: Limits,
     on_layer: &mut dyn FnMut(usize, usize),
 ) -> Result<Index> {
     let mut index = Index {
@@ -98,6 +176,7 @@ pub fn index_layers(
         layer_rules: Vec::with_capacity(image.layers.len()),
         captured: HashMap::new(),
         warnings: image.warnings.clone(),
+        limits,
     };
     for desc in &image.layers {
         on_layer(desc.index, image.layers.len());
@@ -115,16 +194,30 @@ pub fn index_layer(index: &mut Index, image: &ResolvedImage, desc: &LayerDesc) -
         layer_rules,
         captured,
         warnings,
+        limits,
     } = index;
     let mut rules = MemberRules::new(Stream::OciLayer(layer_rules.len() + 1));
     let label = desc.label();
     let blob = image.blobs.open_layer(desc)?;
     let mut members = Vec::new();
     let layer_index = desc.index as u32;
-    let st = layer::read_layer(blob, desc, warnings, |ordinal, entry, pax| {
-        let member = layer::parse_member(entry, pax)
+    let st = layer::read_layer(blob, desc, warnings, |ordinal, entry, raw| {
+        let member = layer::parse_member(entry, raw)
             .with_context(|| format!("{label}: member #{ordinal}"))?;
-        if let MemberKind::File { size } = member.kind {
+        if let (MemberKind::File { size, stored }, Some(_)) = (&member.kind, raw.sparse()) {
+            if *size > limits.max_sparse_size {
+                bail!(
+                    "{label}: member #{ordinal} '{}': sparse file of {} ({size} bytes, {} of data) \
+                     is larger than the limit of {} (--max-sparse-size); raise the limit if the \
+                     image really holds such a file",
+                    printable(&member.raw_name, NAME_SHOWN),
+                    human_size(*size),
+                    human_size(*stored),
+                    human_size(limits.max_sparse_size)
+                );
+            }
+        }
+        if let MemberKind::File { size, .. } = member.kind {
             let name = member.path.file_name().unwrap_or_default();
             if size <= CAPTURE_MAX && CAPTURED_NAMES.contains(&name) {
                 let mut buf = Vec::new();
@@ -172,12 +265,13 @@ pub fn index_layer(index: &mut Index, image: &ResolvedImage, desc: &LayerDesc) -
         }
         let kind = match m.kind {
             MemberKind::Dir => Kind::Dir,
-            MemberKind::File { size } => Kind::File {
+            MemberKind::File { size, stored } => Kind::File {
                 source: Source {
                     layer: layer_index,
                     ordinal,
                 },
                 size,
+                stored,
             },
             MemberKind::Symlink(t) => Kind::Symlink(t),
             MemberKind::Fifo => Kind::Fifo,
@@ -229,6 +323,9 @@ pub struct EmitStats {
     pub fifos: u64,
     pub devices_dropped: u64,
     pub xattrs_dropped: u64,
+    /// Regular files written sparse (holes kept as holes).
+    pub sparse_files: u64,
+    /// Bytes of file data written (holes of sparse files not counted).
     pub file_bytes: u64,
     pub tar_bytes: u64,
 }
@@ -285,8 +382,8 @@ fn filtered_xattrs(
             warns.add(
                 "xattrs dropped",
                 format!(
-                    "'{path}': xattr {:?} dropped (a name with '=' or NUL cannot be written)",
-                    String::from_utf8_lossy(k)
+                    "'{path}': xattr '{}' dropped (a name with '=' or NUL cannot be written)",
+                    printable(k, NAME_SHOWN)
                 ),
             );
             continue;
@@ -299,7 +396,7 @@ fn filtered_xattrs(
                 "xattrs dropped",
                 format!(
                     "'{path}': xattr {} dropped (Proxmox keeps only user.* and security.capability)",
-                    String::from_utf8_lossy(k)
+                    printable(k, NAME_SHOWN)
                 ),
             );
         }
@@ -363,8 +460,10 @@ pub fn emit<W: Write>(
         }
     });
     if let Some((path, why)) = bad_path {
-        let head: String = path.to_string().chars().take(80).collect();
-        bail!("'{head}…' {why} once symlinked parents are resolved; it could not be extracted");
+        bail!(
+            "'{}' {why} once symlinked parents are resolved; it could not be extracted",
+            printable(path.as_bytes(), 80)
+        );
     }
     files.sort_unstable();
 
@@ -432,7 +531,7 @@ pub fn emit<W: Write>(
         let label = desc.label();
         let blob = image.blobs.open_layer(desc)?;
         let mut ignored = Vec::new();
-        layer::read_layer(blob, desc, &mut ignored, |ordinal, entry, _| {
+        layer::read_layer(blob, desc, &mut ignored, |ordinal, entry, raw| {
             let here = Source {
                 layer: layer_index,
                 ordinal,
@@ -454,18 +553,29 @@ pub fn emit<W: Write>(
             };
             let name = member_name(&primary, false, opts.names);
             let xattrs = filtered_xattrs(&primary, inode, &mut stats, &mut warns);
-            out.append(&member_for(
-                inode,
-                clamp,
-                &name,
-                OutKind::File,
-                size,
-                None,
-                &xattrs,
-            ))
-            .context("cannot write the artifact")?;
-            out.append_data(entry, size, tick).map_err(|e| {
-                if e.kind() == io::ErrorKind::Interrupted {
+            let member = member_for(inode, clamp, &name, OutKind::File, size, None, &xattrs);
+            // A sparse file stays sparse: its map and stored chunks are copied,
+            // its holes are never read nor written.
+            let copied = match raw.sparse() {
+                None => out
+                    .append(&member)
+                    .and_then(|()| out.append_data(entry, size, tick))
+                    .map(|()| size),
+                Some(map) => {
+                    if map.real_size != size {
+                        bail!("internal error: '{primary}' changed size between the two reads");
+                    }
+                    stats.sparse_files += 1;
+                    let stored = map.stored();
+                    out.append_sparse(&member, map)
+                        .and_then(|()| out.append_data(&mut raw.stored_data(), stored, tick))
+                        .map(|()| stored)
+                }
+            };
+            let copied = copied.map_err(|e| {
+                if output::is_output_fault(&e) {
+                    anyhow::Error::new(e).context("cannot write the artifact")
+                } else if e.kind() == io::ErrorKind::Interrupted {
                     anyhow!("interrupted")
                 } else {
                     anyhow!("{label}: member #{ordinal} '{primary}': {e}")
@@ -473,7 +583,7 @@ pub fn emit<W: Write>(
             })?;
             stats.files += 1;
             stats.entries += 1;
-            stats.file_bytes += size;
+            stats.file_bytes += copied;
             for &(_, _, alias) in &group[1..] {
                 let alias_name = member_name(&tree.path_of(alias), false, opts.names);
                 out.append(&member_for(
@@ -491,7 +601,14 @@ pub fn emit<W: Write>(
             }
             Ok(())
         })
-        .with_context(|| format!("{label}: second read"))?;
+        .map_err(|e| {
+            // A full disk is the output's fault, not this layer's.
+            if output::output_fault(&e).is_some() {
+                e
+            } else {
+                e.context(format!("{label}: second read"))
+            }
+        })?;
     }
     if next != files.len() {
         return Err(anyhow!(
@@ -501,4 +618,24 @@ pub fn emit<W: Write>(
     }
     stats.tar_bytes = out.written();
     Ok((stats, warns.finish()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_and_shown() {
+        assert_eq!(parse_size("64G"), Ok(64 << 30));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+        assert_eq!(parse_size("1.5T"), Ok(3 << 39));
+        assert_eq!(parse_size(" 4096 "), Ok(4096));
+        assert_eq!(parse_size("2kb"), Ok(2048));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999E").is_err());
+        assert_eq!(human_size(512), "512 bytes");
+        assert_eq!(human_size(64 << 30), "64 GiB");
+        assert_eq!(human_size(3 << 39), "1.5 TiB");
+    }
 }

@@ -11,7 +11,8 @@ use base64::Engine as _;
 
 use crate::digest::{Digest, HashRead};
 use crate::path::{RelPath, MAX_PATH_BYTES};
-use crate::tarstream::{parse_pax, TarStream};
+use crate::tarstream::{parse_pax, SparseMap, Tap, TarStream};
+use crate::text::{printable, NAME_SHOWN};
 use crate::tree::{Meta, Xattr};
 use crate::whiteout::{self, Role};
 
@@ -138,6 +139,40 @@ impl Decoder {
 pub type LayerTar = TarStream<HashRead<Decoder>>;
 pub type LayerEntry<'a> = tar::Entry<'a, LayerTar>;
 
+/// What the `tar` crate does not tell about a member, read from its raw bytes.
+pub struct Raw<'a> {
+    pax: Option<Vec<u8>>,
+    sparse: Option<SparseMap>,
+    tap: &'a Tap<HashRead<Decoder>>,
+}
+
+impl Raw<'_> {
+    /// The data of the member's PAX extended header, if any.
+    pub fn pax(&self) -> Option<&[u8]> {
+        self.pax.as_deref()
+    }
+
+    /// The map of an old GNU sparse member.
+    pub fn sparse(&self) -> Option<&SparseMap> {
+        self.sparse.as_ref()
+    }
+
+    /// A sparse member's stored data: its chunks back to back
+    /// ([`SparseMap::stored`] bytes), read from the layer without expanding
+    /// the holes. The entry must not be read after this.
+    pub fn stored_data(&self) -> impl Read + '_ {
+        StoredData(self.tap)
+    }
+}
+
+struct StoredData<'a>(&'a Tap<HashRead<Decoder>>);
+
+impl Read for StoredData<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read_data(buf)
+    }
+}
+
 /// What reading a whole layer established.
 #[derive(Debug, Clone)]
 pub struct LayerStats {
@@ -159,15 +194,15 @@ pub struct Walked {
 }
 
 /// Streams a (possibly compressed) tar blob: calls `on_member(ordinal, entry,
-/// pax)` for every member (`pax`: the raw data of its PAX extended header, if
-/// any), drains the rest, and returns both digests. `size_limit` makes a longer
+/// raw)` for every member (`raw`: its PAX data and sparse map), drains the
+/// rest, and returns both digests. `size_limit` makes a longer
 /// blob an error as soon as it is exceeded. Checks nothing else.
 pub fn walk_tar(
     blob: Box<dyn Read + Send>,
     size_limit: Option<u64>,
     label: &str,
     warnings: &mut Vec<String>,
-    mut on_member: impl FnMut(u64, &mut LayerEntry<'_>, Option<&[u8]>) -> Result<()>,
+    mut on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
 ) -> Result<Walked> {
     let (compression, decoder) = Decoder::open(blob, size_limit, label)?;
     let (stream, tap) = TarStream::new(HashRead::new(decoder, None));
@@ -181,16 +216,26 @@ pub fn walk_tar(
             let mut entry = entry.map_err(|e| {
                 anyhow!("{label}: corrupt or truncated layer after {ordinal} members: {e}")
             })?;
-            let data_len = entry.header().entry_size().unwrap_or(0);
-            let pax = tap.member(
-                entry.raw_header_position(),
-                entry.raw_file_position(),
-                data_len,
-            );
-            on_member(ordinal as u64, &mut entry, pax.as_deref())?;
+            // `size()` honours a PAX `size` record (the header's field may say 0).
+            let sparse = entry.header().entry_type().is_gnu_sparse();
+            let raw = tap
+                .member(
+                    entry.raw_header_position(),
+                    entry.raw_file_position(),
+                    entry.size(),
+                    sparse,
+                )
+                .map_err(|e| anyhow!("{label}: member #{ordinal}: {e}"))?;
+            let raw = Raw {
+                pax: raw.pax,
+                sparse: raw.sparse,
+                tap: &tap,
+            };
+            on_member(ordinal as u64, &mut entry, &raw)?;
             members += 1;
         }
     }
+    drop(tap);
     // Whatever follows the end-of-archive marker (padding, garbage) is still part
     // of the diff: hash it so diff_id covers the whole stream.
     let mut diff = archive.into_inner().into_inner();
@@ -224,7 +269,7 @@ pub fn read_layer(
     blob: Box<dyn Read + Send>,
     desc: &LayerDesc,
     warnings: &mut Vec<String>,
-    on_member: impl FnMut(u64, &mut LayerEntry<'_>, Option<&[u8]>) -> Result<()>,
+    on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
 ) -> Result<LayerStats> {
     let label = desc.label();
     let walked = walk_tar(blob, desc.size, &label, warnings, on_member)?;
@@ -302,7 +347,10 @@ pub struct Member {
 pub enum MemberKind {
     Dir,
     File {
+        /// The file's size (for a sparse member, with its holes).
         size: u64,
+        /// Bytes of it the layer stores (`size`, but for a sparse member).
+        stored: u64,
     },
     Symlink(Box<[u8]>),
     Hardlink(RelPath),
@@ -318,9 +366,10 @@ fn lossy(b: &[u8]) -> String {
 }
 
 /// Interprets one tar member. Errors name the member; the caller adds the layer.
-pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Member> {
+pub fn parse_member(entry: &mut LayerEntry<'_>, raw: &Raw<'_>) -> Result<Member> {
+    let pax = raw.pax();
     let raw_name = entry.path_bytes().into_owned();
-    let shown = lossy(&raw_name);
+    let mut shown = printable(&raw_name, NAME_SHOWN);
     let header = entry.header();
     let ty = header.entry_type();
     // Blank numeric fields (all NUL/space) occur in hand-made archives; read them
@@ -354,6 +403,7 @@ pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Me
     for (key, value) in records {
         let key = key.as_slice();
         if key == b"path" {
+            shown = printable(&value, NAME_SHOWN);
             raw_name = value;
         } else if key == b"linkpath" {
             link = Some(value);
@@ -410,7 +460,19 @@ pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Me
         T::Directory => MemberKind::Dir,
         // V7 archives mark directories with a trailing slash on a regular member.
         T::Regular if raw_name.ends_with(b"/") => MemberKind::Dir,
-        T::Regular | T::Continuous | T::GNUSparse => MemberKind::File { size: entry.size() },
+        T::Regular | T::Continuous => MemberKind::File {
+            size: entry.size(),
+            stored: entry.size(),
+        },
+        T::GNUSparse => {
+            let map = raw
+                .sparse()
+                .ok_or_else(|| anyhow!("entry '{shown}': sparse member without a map"))?;
+            MemberKind::File {
+                size: map.real_size,
+                stored: map.stored(),
+            }
+        }
         T::Symlink => {
             let target =
                 link.ok_or_else(|| anyhow!("entry '{shown}': symlink without a target"))?;
@@ -431,7 +493,10 @@ pub fn parse_member(entry: &mut LayerEntry<'_>, pax: Option<&[u8]>) -> Result<Me
             let target =
                 link.ok_or_else(|| anyhow!("entry '{shown}': hardlink without a target"))?;
             let target = RelPath::parse(&target).map_err(|e| {
-                anyhow!("entry '{shown}': hardlink target '{}': {e}", lossy(&target))
+                anyhow!(
+                    "entry '{shown}': hardlink target '{}': {e}",
+                    printable(&target, NAME_SHOWN)
+                )
             })?;
             MemberKind::Hardlink(target)
         }

@@ -13,6 +13,7 @@ use hakim_convert::batch::config::{BatchConfig, ConfigFile, Format, Overrides};
 use hakim_convert::batch::{self, BatchOptions, BatchSummary, Status};
 use hakim_convert::compress::OutputCompression;
 use hakim_convert::convert::{convert, ConvertOptions, OutputFormat, Summary};
+use hakim_convert::flatten::parse_size;
 use hakim_convert::inject::InjectOptions;
 use hakim_convert::registry::{Credentials, ProgressMode, RegistryOptions, RetryPolicy};
 use hakim_convert::source::Platform;
@@ -128,6 +129,10 @@ struct ConvertArgs {
     /// Keep /etc/ssh/ssh_host_* (by default they are removed: every workspace would share them).
     #[arg(long, requires = "inject_init", help_heading = INJ)]
     keep_ssh_host_keys: bool,
+    /// Largest sparse file accepted, holes included (sparse files stay sparse: a larger
+    /// claim is refused, not expanded). Units K, M, G, T (powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
+    max_sparse_size: u64,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -255,6 +260,9 @@ struct BatchArgs {
     /// Keep /etc/ssh/ssh_host_* (removed by default).
     #[arg(long, requires = "inject_init", help_heading = INJ)]
     keep_ssh_host_keys: bool,
+    /// Largest sparse file accepted, holes included (see `convert --help`).
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
+    max_sparse_size: u64,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -350,6 +358,7 @@ impl BatchArgs {
                 keep_ssh_host_keys: self.keep_ssh_host_keys,
             }),
             keep_layers: self.keep_layers,
+            max_sparse_size: self.max_sparse_size,
             source_date_epoch: source_date_epoch()?,
             cancel,
             registry: self.registry.options(ProgressMode::Quiet)?,
@@ -613,6 +622,7 @@ fn run(cli: Cli) -> Result<()> {
                 inject,
                 push: a.push,
                 source_date_epoch: source_date_epoch()?,
+                max_sparse_size: a.max_sparse_size,
                 cancel,
                 progress: progress && !a.quiet,
                 registry,

@@ -23,7 +23,7 @@ use crate::digest::{Digest, HashRead};
 use crate::flatten::{self, EmitOptions, EmitStats, Index, NameStyle};
 use crate::inject;
 use crate::layer::{self, Compression};
-use crate::output::HashWrite;
+use crate::output::{HashWrite, OutputFile};
 use crate::source::ResolvedImage;
 use crate::tarout::TarWriter;
 
@@ -77,7 +77,7 @@ pub struct OciArchive {
 
 /// The outer tar, written to a seekable file.
 struct Archive<'f> {
-    out: BufWriter<&'f File>,
+    out: BufWriter<OutputFile<'f>>,
     pos: u64,
     mtime: u64,
 }
@@ -133,7 +133,7 @@ impl<'f> Archive<'f> {
     fn streamed_blob(
         &mut self,
         media_type: &str,
-        write: impl FnOnce(&mut BufWriter<&'f File>) -> Result<Digest>,
+        write: impl FnOnce(&mut BufWriter<OutputFile<'f>>) -> Result<Digest>,
     ) -> Result<BlobRef> {
         let header_at = self.pos;
         self.put(&[0u8; BLOCK as usize])?;
@@ -173,7 +173,7 @@ fn layer_media_type(c: OutputCompression) -> Result<&'static str> {
 
 /// Compresses what `fill` writes into the archive; returns (blob digest, diff_id).
 fn encode_into(
-    out: &mut BufWriter<&File>,
+    out: &mut BufWriter<OutputFile<'_>>,
     opts: &OciOptions,
     fill: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<(Digest, Digest)> {
@@ -194,7 +194,7 @@ fn encode_into(
 
 /// Writes the archive into `file` (positioned at its start).
 pub fn write(
-    file: &File,
+    file: OutputFile<'_>,
     image: &ResolvedImage,
     index: &mut Index,
     opts: &OciOptions,

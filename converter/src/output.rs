@@ -5,7 +5,7 @@
 //! leaves a file under a final name.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -82,6 +82,86 @@ pub fn check_file_name(name: &str) -> Result<()> {
         bail!("'{name}' is not a valid artifact name (plain file name, no '/' or leading '.')");
     }
     Ok(())
+}
+
+/// The output directory: created when missing; an existing file there is an
+/// error that says so (`create_dir_all` would only say "File exists").
+pub fn prepare_dir(dir: &Path) -> Result<()> {
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!(
+            "output directory {} is not a directory (a file of that name exists)",
+            dir.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the output directory {}", dir.display())),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot use {} as the output directory", dir.display()))
+        }
+    }
+}
+
+/// An I/O error of the artifact being written (a full disk, a quota, a failing
+/// device): the output's fault, never the input's. [`OutputFile`] marks its
+/// errors with it, so that however deep in a layer's copy a write fails, the
+/// message can blame the output ([`output_fault`]).
+#[derive(Debug)]
+pub struct OutputFault(io::Error);
+
+impl std::fmt::Display for OutputFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for OutputFault {}
+
+fn mark(e: io::Error) -> io::Error {
+    if is_output_fault(&e) {
+        e
+    } else {
+        io::Error::new(e.kind(), OutputFault(e))
+    }
+}
+
+/// Whether `e` is an error of the artifact being written.
+pub fn is_output_fault(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<OutputFault>())
+}
+
+/// The output's I/O error behind `e`, if writing the artifact is what failed.
+pub fn output_fault(e: &anyhow::Error) -> Option<&io::Error> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<io::Error>())
+        .find(|io| is_output_fault(io))
+}
+
+/// `e`, or, when writing the artifact is what failed, an error that says so
+/// and names it (the layer being copied at the time is beside the point).
+pub fn blame_output(e: anyhow::Error, artifact: &Path) -> anyhow::Error {
+    match output_fault(&e) {
+        Some(io) => anyhow::anyhow!("cannot write the output file {}: {io}", artifact.display()),
+        None => e,
+    }
+}
+
+/// The artifact file as the writers see it: its errors are [`OutputFault`]s.
+#[derive(Clone, Copy)]
+pub struct OutputFile<'a>(pub &'a File);
+
+impl Write for OutputFile<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&mut &*self.0).write(buf).map_err(mark)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (&mut &*self.0).flush().map_err(mark)
+    }
+}
+
+impl Seek for OutputFile<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        (&mut &*self.0).seek(pos).map_err(mark)
+    }
 }
 
 /// A writer that hashes what it writes and counts bytes.
@@ -173,6 +253,11 @@ impl PendingFile {
 
     pub fn file(&self) -> &File {
         self.temp.as_file()
+    }
+
+    /// The file for writing the artifact: its errors blame the output.
+    pub fn output(&self) -> OutputFile<'_> {
+        OutputFile(self.temp.as_file())
     }
 
     /// Syncs, makes it world-readable (templates are shared) and renames it.
@@ -363,6 +448,30 @@ mod tests {
         assert!(check_file_name("../x").is_err());
         assert!(check_file_name(".hidden").is_err());
         assert!(check_file_name("ok-name").is_ok());
+    }
+
+    #[test]
+    fn output_errors_are_told_apart() {
+        let full = File::options().write(true).open("/dev/full").unwrap();
+        let err = OutputFile(&full).write_all(b"x").unwrap_err();
+        assert!(is_output_fault(&err));
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
+        let wrapped = anyhow::Error::new(err).context("layer 2: second read");
+        assert!(output_fault(&wrapped).is_some());
+        let read_side = anyhow::Error::new(io::Error::other("corrupt")).context("layer 2");
+        assert!(output_fault(&read_side).is_none());
+    }
+
+    #[test]
+    fn output_dir_that_is_a_file_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, "").unwrap();
+        let err = format!("{:#}", prepare_dir(&file).unwrap_err());
+        assert!(err.contains("is not a directory"), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        prepare_dir(&dir.path().join("new/sub")).unwrap();
+        prepare_dir(&dir.path().join("new/sub")).unwrap();
     }
 
     #[test]

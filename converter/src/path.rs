@@ -141,18 +141,21 @@ impl RelPath {
     }
 }
 
+/// For messages: control characters and bytes that are not UTF-8 escaped,
+/// long paths cut ([`crate::text::printable`]). The bytes are
+/// [`RelPath::as_bytes`].
 impl fmt::Display for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_empty() {
             return f.write_str(".");
         }
-        write!(f, "{}", String::from_utf8_lossy(&self.0))
+        f.write_str(&crate::text::printable(&self.0, crate::text::NAME_SHOWN))
     }
 }
 
 impl fmt::Debug for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RelPath({self})")
+        write!(f, "RelPath({:?})", String::from_utf8_lossy(&self.0))
     }
 }
 
@@ -161,7 +164,10 @@ mod tests {
     use super::*;
 
     fn norm(s: &str) -> Result<String, PathError> {
-        RelPath::parse(s.as_bytes()).map(|p| p.to_string())
+        RelPath::parse(s.as_bytes()).map(|p| match p.is_root() {
+            true => ".".into(),
+            false => String::from_utf8_lossy(p.as_bytes()).into_owned(),
+        })
     }
 
     #[test]
@@ -171,6 +177,14 @@ mod tests {
         assert_eq!(norm("a/../b").unwrap(), "b");
         assert_eq!(norm("./").unwrap(), ".");
         assert_eq!(norm("").unwrap(), ".");
+    }
+
+    #[test]
+    fn shown_escaped_and_cut() {
+        let p = RelPath::parse(b"a/\x1b[2Jb\xff").unwrap();
+        assert_eq!(p.to_string(), "a/\\x1b[2Jb\\xff");
+        let long = RelPath::parse("d/".repeat(2000).as_bytes()).unwrap();
+        assert!(long.to_string().ends_with("… (3999 bytes)"), "{long}");
     }
 
     #[test]

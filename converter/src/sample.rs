@@ -252,7 +252,12 @@ pub fn flatten_in_memory(
     image: &ResolvedImage,
     clamp: Option<u64>,
 ) -> Result<(Vec<u8>, EmitStats)> {
-    let mut index = flatten::index_layers(image, clamp.unwrap_or(0), &mut |_, _| {})?;
+    let mut index = flatten::index_layers(
+        image,
+        clamp.unwrap_or(0),
+        flatten::Limits::default(),
+        &mut |_, _| {},
+    )?;
     let mut out = TarWriter::new(Vec::new());
     let (stats, _) = flatten::emit(
         image,

@@ -2,6 +2,13 @@
 //! extended records only where ustar cannot say it (long names and link targets,
 //! large ids, sizes and times, xattrs). Same input → same bytes.
 //!
+//! Sparse files keep their holes: they are written as old GNU sparse members
+//! (`S`, a GNU header whose map lists the stored chunks, extension blocks for
+//! more than four), the one sparse format both of Proxmox's extractors restore
+//! — GNU tar for rootfs templates (with or without `--sparse`) and the `tar`
+//! crate for OCI layers (which does not know PAX sparse). Names, ids, times and
+//! xattrs still go in a PAX header before it, which both read.
+//!
 //! Names are written byte-exact, non-UTF-8 included. No `hdrcharset=BINARY`
 //! record: GNU tar 1.34 (Proxmox's extractor) warns about it on every member and
 //! already takes PAX names as raw bytes.
@@ -10,6 +17,7 @@ use std::io::{self, Read, Write};
 
 use crate::acceptance::{Member, MemberRules, Node};
 use crate::path::RelPath;
+use crate::tarstream::SparseMap;
 use crate::tree::Xattr;
 use crate::whiteout::{self, Role};
 
@@ -138,9 +146,14 @@ impl<W: Write> TarWriter<W> {
         mtime: u64,
         link: Option<&[u8]>,
     ) -> tar::Header {
-        let mut h = tar::Header::new_ustar();
+        let mut h = if ty == tar::EntryType::GNUSparse {
+            tar::Header::new_gnu()
+        } else {
+            tar::Header::new_ustar()
+        };
         {
-            let u = h.as_ustar_mut().expect("ustar header");
+            // The name and link fields sit at the same place in both formats.
+            let u = h.as_old_mut();
             let n = name.len().min(USTAR_NAME_MAX);
             u.name[..n].copy_from_slice(&name[..n]);
             if let Some(link) = link {
@@ -152,9 +165,14 @@ impl<W: Write> TarWriter<W> {
         h.set_mode(mode);
         h.set_uid(if ids.0 > OCTAL7_MAX { 0 } else { ids.0 });
         h.set_gid(if ids.1 > OCTAL7_MAX { 0 } else { ids.1 });
-        h.set_size(if size > OCTAL11_MAX { 0 } else { size });
+        if ty == tar::EntryType::GNUSparse {
+            // GNU base-256 beyond 8 GiB: a PAX `size` would not say whether it
+            // means the stored or the real size.
+            h.set_size(size);
+        } else {
+            h.set_size(if size > OCTAL11_MAX { 0 } else { size });
+        }
         h.set_mtime(if mtime > OCTAL11_MAX { 0 } else { mtime });
-        h.set_cksum();
         h
     }
 
@@ -164,6 +182,72 @@ impl<W: Write> TarWriter<W> {
         if let Some(rules) = &mut self.rules {
             Self::observe(rules, e);
         }
+        self.put_pax(e, true)?;
+        let ty = match e.kind {
+            OutKind::Dir => tar::EntryType::Directory,
+            OutKind::File => tar::EntryType::Regular,
+            OutKind::Symlink => tar::EntryType::Symlink,
+            OutKind::Hardlink => tar::EntryType::Link,
+            OutKind::Fifo => tar::EntryType::Fifo,
+        };
+        let size = if e.kind == OutKind::File { e.size } else { 0 };
+        let mut h = Self::header(e.name, ty, e.mode, (e.uid, e.gid), size, e.mtime, e.link);
+        h.set_cksum();
+        self.put(h.as_bytes())
+    }
+
+    /// Writes the headers of a sparse file `e` (an old GNU sparse member): the
+    /// caller then writes its stored chunks back to back, [`SparseMap::stored`]
+    /// bytes, with [`TarWriter::append_data`]. `e.size` is the real size.
+    pub fn append_sparse(&mut self, e: &OutEntry<'_>, map: &SparseMap) -> io::Result<()> {
+        debug_assert!(e.kind == OutKind::File && e.size == map.real_size);
+        if let Some(rules) = &mut self.rules {
+            Self::observe(rules, e);
+        }
+        self.put_pax(e, false)?;
+        // A hole at the end is told by one last empty chunk at the real size,
+        // as GNU tar writes it (it extends the file there).
+        let mut pairs = map.chunks.clone();
+        let end = pairs.last().map_or(0, |&(o, l)| o + l);
+        if end < map.real_size {
+            pairs.push((map.real_size, 0));
+        }
+        let mut h = Self::header(
+            e.name,
+            tar::EntryType::GNUSparse,
+            e.mode,
+            (e.uid, e.gid),
+            map.stored(),
+            e.mtime,
+            None,
+        );
+        let gnu = h.as_gnu_mut().expect("GNU header");
+        for (slot, &(offset, len)) in gnu.sparse.iter_mut().zip(&pairs) {
+            slot.set_offset(offset);
+            slot.set_length(len);
+        }
+        gnu.set_real_size(map.real_size);
+        let in_header = gnu.sparse.len();
+        gnu.set_is_extended(pairs.len() > in_header);
+        h.set_cksum();
+        self.put(h.as_bytes())?;
+        let rest = pairs.get(in_header..).unwrap_or_default();
+        let blocks: Vec<&[(u64, u64)]> = rest.chunks(21).collect();
+        for (i, block) in blocks.iter().enumerate() {
+            let mut ext = tar::GnuExtSparseHeader::new();
+            for (slot, &(offset, len)) in ext.sparse_mut().iter_mut().zip(block.iter()) {
+                slot.set_offset(offset);
+                slot.set_length(len);
+            }
+            ext.set_is_extended(i + 1 < blocks.len());
+            self.put(ext.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The PAX header of `e`, when ustar cannot say everything (`size`: may
+    /// carry a PAX `size` record).
+    fn put_pax(&mut self, e: &OutEntry<'_>, size: bool) -> io::Result<()> {
         let mut pax = Vec::new();
         if e.name.len() > USTAR_NAME_MAX {
             pax_record(&mut pax, b"path", e.name);
@@ -179,7 +263,7 @@ impl<W: Write> TarWriter<W> {
         if e.gid > OCTAL7_MAX {
             pax_record(&mut pax, b"gid", e.gid.to_string().as_bytes());
         }
-        if e.size > OCTAL11_MAX {
+        if size && e.size > OCTAL11_MAX {
             pax_record(&mut pax, b"size", e.size.to_string().as_bytes());
         }
         if e.mtime > OCTAL11_MAX {
@@ -191,7 +275,7 @@ impl<W: Write> TarWriter<W> {
             pax_record(&mut pax, &key, v);
         }
         if !pax.is_empty() {
-            let h = Self::header(
+            let mut h = Self::header(
                 b"././@PaxHeader",
                 tar::EntryType::XHeader,
                 0o644,
@@ -200,20 +284,12 @@ impl<W: Write> TarWriter<W> {
                 0,
                 None,
             );
+            h.set_cksum();
             self.put(h.as_bytes())?;
             self.put(&pax)?;
             self.put(&[0u8; BLOCK][..padding(pax.len() as u64)])?;
         }
-        let ty = match e.kind {
-            OutKind::Dir => tar::EntryType::Directory,
-            OutKind::File => tar::EntryType::Regular,
-            OutKind::Symlink => tar::EntryType::Symlink,
-            OutKind::Hardlink => tar::EntryType::Link,
-            OutKind::Fifo => tar::EntryType::Fifo,
-        };
-        let size = if e.kind == OutKind::File { e.size } else { 0 };
-        let h = Self::header(e.name, ty, e.mode, (e.uid, e.gid), size, e.mtime, e.link);
-        self.put(h.as_bytes())
+        Ok(())
     }
 
     /// Copies exactly `size` bytes of file content and pads to a block. `tick` is
@@ -324,6 +400,58 @@ mod tests {
         assert_eq!(e.path_bytes().as_ref(), b"./\xff-link");
         assert_eq!(e.link_name_bytes().unwrap().as_ref(), &[b'x'; 120][..]);
         assert!(it.next().is_none());
+    }
+
+    #[test]
+    fn sparse_members_read_back_with_their_map() {
+        use std::io::{Seek, SeekFrom};
+        // 30 chunks (two extension blocks), offsets past 8 GiB (base-256
+        // fields), a trailing hole, a long name (PAX path).
+        let chunks: Vec<(u64, u64)> = (0..30).map(|i| (i * (1 << 30), 512)).collect();
+        let map = SparseMap {
+            real_size: 40 << 30,
+            chunks: chunks.clone(),
+        };
+        let name = format!("./{}/sparse", "d".repeat(120));
+        let mut w = TarWriter::new(Vec::new());
+        w.append_sparse(
+            &OutEntry {
+                name: name.as_bytes(),
+                kind: OutKind::File,
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+                mtime: 1_700_000_000,
+                size: map.real_size,
+                link: None,
+                xattrs: &[],
+            },
+            &map,
+        )
+        .unwrap();
+        let data: Vec<u8> = (0..30u8).flat_map(|i| [b'a' + i % 26; 512]).collect();
+        w.append_data(&mut &data[..], data.len() as u64, &mut |_| Ok(()))
+            .unwrap();
+        let bytes = w.finish().unwrap();
+        // Map, extension blocks and stored data: a few blocks, not 40 GiB.
+        assert!(bytes.len() < 40 << 10, "{} bytes", bytes.len());
+        let dir = tempfile::tempdir().unwrap();
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let mut e = ar.entries().unwrap().next().unwrap().unwrap();
+        assert_eq!(e.path_bytes().as_ref(), name.as_bytes());
+        assert_eq!(e.header().entry_type(), tar::EntryType::GNUSparse);
+        assert_eq!(e.size(), 40 << 30);
+        let path = dir.path().join("sparse");
+        e.unpack(&path).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 40 << 30);
+        for (i, (offset, _)) in chunks.iter().enumerate() {
+            let mut buf = [0u8; 513];
+            f.seek(SeekFrom::Start(*offset)).unwrap();
+            f.read_exact(&mut buf).unwrap();
+            assert!(buf[..512].iter().all(|&b| b == b'a' + i as u8 % 26));
+            assert_eq!(buf[512], 0);
+        }
     }
 
     #[test]

@@ -1,11 +1,17 @@
-//! The layer's tar stream as the tar reader sees it, with two repairs the
-//! `tar` crate cannot make on its own:
+//! The layer's tar stream as the tar reader sees it, with the repairs and
+//! views the `tar` crate cannot give on its own:
 //!
 //! * **Raw PAX records.** `tar` splits PAX data on `\n`, but records are
 //!   length-prefixed and xattr values may contain newlines (a capability blob
 //!   with byte 0x0a, from a plain `setcap`). We keep the raw bytes between one
 //!   member's data and the next member's header — the extension headers — and
 //!   parse the records ourselves.
+//! * **Sparse maps.** An old GNU sparse member (`S`) lists where its stored
+//!   chunks go in the file, in its header and in extension blocks after it;
+//!   `tar` hides the map and expands the holes when the entry is read. The map
+//!   is parsed here from the raw header bytes, and [`Tap::read_data`] reads the
+//!   stored chunks straight from the stream, so that a hole costs nothing
+//!   however large its header claims it is.
 //! * **Missing padding at the very end.** `umoci insert` ends a layer right after
 //!   the last member's data, without padding it to a block or writing the
 //!   end-of-archive marker. Once that data is complete, the missing padding is
@@ -17,6 +23,7 @@ use std::rc::Rc;
 
 const BLOCK: u64 = 512;
 /// Extension headers larger than this are refused (no legitimate PAX header is).
+/// The extension blocks of a sparse map count too: at most about 43,000 chunks.
 pub const MAX_EXTENSION_BYTES: usize = 1 << 20;
 
 #[derive(Default)]
@@ -25,47 +32,61 @@ struct State {
     /// Bytes at or after this position are kept in `captured`.
     record_from: u64,
     captured: Vec<u8>,
-    /// End of the current member's data: padding may be supplied from here on.
+    /// Where the current member's data starts and ends: padding may be
+    /// supplied from its end on.
+    data_start: u64,
     data_end: u64,
     overflow: bool,
+    /// Data bytes taken by [`Tap::read_data`]; the tar reader, which then
+    /// skips the member's data, is served as many placeholder bytes.
+    owed: u64,
+}
+
+struct Shared<R> {
+    state: State,
+    inner: R,
 }
 
 /// Shared view of the stream state, kept by the layer reader.
-#[derive(Clone, Default)]
-pub struct Tap(Rc<RefCell<State>>);
+pub struct Tap<R>(Rc<RefCell<Shared<R>>>);
 
-pub struct TarStream<R> {
-    inner: R,
-    tap: Tap,
-}
+pub struct TarStream<R>(Rc<RefCell<Shared<R>>>);
 
 impl<R: Read> TarStream<R> {
-    pub fn new(inner: R) -> (Self, Tap) {
-        let tap = Tap::default();
-        (
-            TarStream {
-                inner,
-                tap: tap.clone(),
-            },
-            tap,
-        )
+    pub fn new(inner: R) -> (Self, Tap<R>) {
+        let shared = Rc::new(RefCell::new(Shared {
+            state: State::default(),
+            inner,
+        }));
+        (TarStream(shared.clone()), Tap(shared))
     }
 
+    /// The stream below; the [`Tap`] must have been dropped.
     pub fn into_inner(self) -> R {
-        self.inner
+        match Rc::try_unwrap(self.0) {
+            Ok(shared) => shared.into_inner().inner,
+            Err(_) => panic!("TarStream::into_inner while its Tap is alive"),
+        }
     }
 }
 
 impl<R: Read> Read for TarStream<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut st = self.tap.0.borrow_mut();
+        let mut shared = self.0.borrow_mut();
+        let Shared { state: st, inner } = &mut *shared;
         if st.overflow {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("extension headers larger than {MAX_EXTENSION_BYTES} bytes"),
             ));
         }
-        let n = self.inner.read(buf)?;
+        if st.owed > 0 {
+            let n = st.owed.min(buf.len() as u64) as usize;
+            buf[..n].fill(0);
+            st.owed -= n as u64;
+            return Ok(n);
+        }
+        let n = inner.read(buf)?;
         if n == 0 {
             let rem = st.pos % BLOCK;
             if rem != 0 && st.pos >= st.data_end && !buf.is_empty() {
@@ -89,20 +110,139 @@ impl<R: Read> Read for TarStream<R> {
     }
 }
 
-impl Tap {
-    /// Called for each member the tar reader yields: returns the raw PAX data
-    /// that applies to it (if any) and starts watching for the next member.
-    pub fn member(&self, header_pos: u64, data_pos: u64, data_len: u64) -> Option<Vec<u8>> {
-        let mut st = self.0.borrow_mut();
-        let region_len = header_pos.saturating_sub(st.record_from) as usize;
-        let region = &st.captured[..region_len.min(st.captured.len())];
+/// Where the stored chunks of a sparse file go: `(offset, length)` pairs in
+/// increasing order, never overlapping, all within `real_size`. Everything
+/// else of the file is a hole. Zero-length chunks are left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SparseMap {
+    pub real_size: u64,
+    pub chunks: Vec<(u64, u64)>,
+}
+
+impl SparseMap {
+    /// Bytes of data the member stores (its chunks back to back).
+    pub fn stored(&self) -> u64 {
+        self.chunks.iter().map(|c| c.1).sum()
+    }
+}
+
+/// What [`Tap::member`] learnt about a member from its raw bytes.
+pub struct RawMember {
+    /// The data of its PAX extended header (`x`), if any.
+    pub pax: Option<Vec<u8>>,
+    /// Its map, for an old GNU sparse member.
+    pub sparse: Option<SparseMap>,
+}
+
+impl<R: Read> Tap<R> {
+    /// Called for each member the tar reader yields, with the positions it
+    /// reports and, for a member that is not sparse, its data length: returns
+    /// the raw PAX data that applies to it (if any) and its sparse map (if
+    /// `sparse`), and starts watching for the next member.
+    pub fn member(
+        &self,
+        header_pos: u64,
+        data_pos: u64,
+        data_len: u64,
+        sparse: bool,
+    ) -> Result<RawMember, String> {
+        let mut shared = self.0.borrow_mut();
+        let st = &mut shared.state;
+        let header_at = header_pos.saturating_sub(st.record_from) as usize;
+        let region = &st.captured[..header_at.min(st.captured.len())];
         let pax = last_pax_data(region);
+        // The tar reader reports a sparse member's data position before its
+        // extension blocks, and its expanded size: take both from the map.
+        let (map, data_pos, data_len) = if sparse {
+            let (map, ext_blocks) = st
+                .captured
+                .get(header_at..)
+                .ok_or_else(|| "sparse header not seen".to_string())
+                .and_then(parse_sparse)?;
+            let stored = map.stored();
+            (Some(map), header_pos + BLOCK * (1 + ext_blocks), stored)
+        } else {
+            (None, data_pos, data_len)
+        };
         let padded = data_len.div_ceil(BLOCK) * BLOCK;
         st.record_from = data_pos + padded;
+        st.data_start = data_pos;
         st.data_end = data_pos + data_len;
         st.captured.clear();
-        pax
+        Ok(RawMember { pax, sparse: map })
     }
+
+    /// Reads the current member's data straight from the stream (for a sparse
+    /// member: its stored chunks back to back, without the holes), up to its
+    /// end. The tar reader must not read that member afterwards: it only skips
+    /// it, and is handed placeholder bytes for what was read here.
+    pub fn read_data(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut shared = self.0.borrow_mut();
+        let Shared { state: st, inner } = &mut *shared;
+        if st.pos < st.data_start || st.owed != st.pos - st.data_start {
+            return Err(io::Error::other(
+                "member data read both through the tar reader and directly",
+            ));
+        }
+        let want = st.data_end.saturating_sub(st.pos).min(buf.len() as u64) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = inner.read(&mut buf[..want])?;
+        st.pos += n as u64;
+        st.owed += n as u64;
+        Ok(n)
+    }
+}
+
+/// Parses an old GNU sparse header (`S`) and the extension blocks after it,
+/// as the `tar` crate does (which has already checked the map against the
+/// sizes): four `(offset, length)` pairs in the header, 21 in each extension
+/// block, a pair whose fields start with a NUL byte is empty. Returns the map
+/// and the number of extension blocks.
+fn parse_sparse(bytes: &[u8]) -> Result<(SparseMap, u64), String> {
+    let header = bytes
+        .get(..BLOCK as usize)
+        .ok_or("truncated sparse header")?;
+    let number = |field: &[u8], what: &str| {
+        octal_or_binary(field).ok_or_else(|| format!("bad sparse {what} field"))
+    };
+    let real_size = number(&header[483..495], "real size")?;
+    let mut chunks: Vec<(u64, u64)> = Vec::new();
+    let mut end = 0u64;
+    let mut add = |pair: &[u8]| -> Result<(), String> {
+        if pair[0] == 0 || pair[12] == 0 {
+            return Ok(());
+        }
+        let offset = number(&pair[..12], "offset")?;
+        let len = number(&pair[12..24], "length")?;
+        let chunk_end = offset.checked_add(len).ok_or("sparse chunk overflows")?;
+        if offset < end || chunk_end > real_size {
+            return Err("sparse chunks out of order or past the file's size".into());
+        }
+        end = chunk_end;
+        if len > 0 {
+            chunks.push((offset, len));
+        }
+        Ok(())
+    };
+    for pair in header[386..482].chunks(24) {
+        add(pair)?;
+    }
+    let mut extended = header[482] == 1;
+    let mut blocks = 0u64;
+    while extended {
+        let at = (BLOCK * (1 + blocks)) as usize;
+        let block = bytes
+            .get(at..at + BLOCK as usize)
+            .ok_or("truncated sparse extension block")?;
+        for pair in block[..504].chunks(24) {
+            add(pair)?;
+        }
+        extended = block[504] == 1;
+        blocks += 1;
+    }
+    Ok((SparseMap { real_size, chunks }, blocks))
 }
 
 /// A numeric header field: octal text, or GNU base-256 when the top bit is set.
@@ -219,7 +359,7 @@ mod tests {
         let (mut s, tap) = TarStream::new(&bytes[..]);
         let mut header = vec![0u8; 512];
         s.read_exact(&mut header).unwrap();
-        tap.member(0, 512, 7);
+        tap.member(0, 512, 7, false).unwrap();
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).unwrap();
         assert_eq!(rest.len(), 512);
@@ -229,7 +369,7 @@ mod tests {
         // Data declared as 1000 bytes but only 7 present: no padding, EOF stays.
         let (mut s, tap) = TarStream::new(&bytes[..]);
         s.read_exact(&mut header).unwrap();
-        tap.member(0, 512, 1000);
+        tap.member(0, 512, 1000, false).unwrap();
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).unwrap();
         assert_eq!(rest.len(), 7);

@@ -46,7 +46,13 @@ pub struct Source {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
     Dir,
-    File { source: Source, size: u64 },
+    /// `size` counts the holes of a sparse file; `stored` is what the layer
+    /// holds of it (equal to `size` unless sparse).
+    File {
+        source: Source,
+        size: u64,
+        stored: u64,
+    },
     Symlink(Box<[u8]>),
     Fifo,
     CharDevice(u32, u32),
@@ -422,6 +428,7 @@ mod tests {
             kind: Kind::File {
                 source: Source { layer, ordinal },
                 size: 1,
+                stored: 1,
             },
             meta: Meta {
                 mode: 0o644,

@@ -22,6 +22,7 @@ use crate::layer::{self, Compression, MemberKind};
 use crate::ociout::{CONFIG_TYPE, INDEX_TYPE, LAYER_GZIP, LAYER_ZSTD, MANIFEST_TYPE};
 use crate::output;
 use crate::source::tar_index::TarIndex;
+use crate::text::{printable, NAME_SHOWN};
 
 const LAYER_PLAIN: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Largest JSON document (index, manifest, config) read into memory.
@@ -71,12 +72,20 @@ impl Checks {
 }
 
 fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    printable(b, NAME_SHOWN)
 }
 
-/// Verifies `path`, telling the kind from its content.
+/// Verifies `path`, telling the kind from its content. An error (a missing
+/// file, a directory, an archive too broken to tell its kind) names `path`.
 pub fn verify(path: &Path) -> Result<Report> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    verify_file(path).with_context(|| format!("cannot verify {}", path.display()))
+}
+
+fn verify_file(path: &Path) -> Result<Report> {
+    let mut file = File::open(path)?;
+    if file.metadata()?.is_dir() {
+        anyhow::bail!("it is a directory, not an artifact file");
+    }
     let mut head = [0u8; 512];
     let n = read_up_to(&mut file, &mut head)?;
     let compression = Compression::sniff(&head[..n]);
@@ -158,7 +167,7 @@ fn check_sums(path: &Path, checks: &mut Checks) -> Result<()> {
 }
 
 fn verify_rootfs(path: &Path, checks: &mut Checks) -> Result<()> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file = File::open(path)?;
     let mut ignored = Vec::new();
     let mut unparsable = Offenders::default();
     let mut rules = MemberRules::new(Stream::Rootfs);
@@ -168,15 +177,15 @@ fn verify_rootfs(path: &Path, checks: &mut Checks) -> Result<()> {
         None,
         &path.display().to_string(),
         &mut ignored,
-        |ordinal, entry, pax| {
-            let member = match layer::parse_member(entry, pax) {
+        |ordinal, entry, raw| {
+            let member = match layer::parse_member(entry, raw) {
                 Ok(m) => m,
                 Err(e) => {
                     unparsable.add(|| format!("#{ordinal}: {e:#}"));
                     return Ok(());
                 }
             };
-            if let MemberKind::File { size } = member.kind {
+            if let MemberKind::File { size, .. } = member.kind {
                 // /etc/os-release wins over /usr/lib/os-release, as in Proxmox.
                 let name = member.path.to_bytes();
                 let etc = name == b"etc/os-release";
@@ -226,15 +235,27 @@ fn verify_rootfs(path: &Path, checks: &mut Checks) -> Result<()> {
 fn verify_oci(path: &Path, checks: &mut Checks) -> Result<()> {
     const NAMES: &str = "members are oci-layout, index.json and blobs/sha256/<hex> (no ./ prefix)";
     // Names exactly as stored (TarIndex normalises them).
+    const READS: &str = "the archive reads to its end";
     let mut names = Vec::new();
     {
         let file = File::open(path)?;
         let mut archive = tar::Archive::new(io::BufReader::new(file));
-        for entry in archive.entries().context("not a tar archive")? {
-            let entry = entry.context("corrupt tar archive")?;
-            names.push((entry.path_bytes().into_owned(), entry.header().entry_type()));
+        for entry in archive.entries()? {
+            match entry {
+                Ok(entry) => {
+                    names.push((entry.path_bytes().into_owned(), entry.header().entry_type()))
+                }
+                Err(e) => {
+                    checks.fail(
+                        READS,
+                        format!("truncated or corrupt after {} members: {e}", names.len()),
+                    );
+                    return Ok(());
+                }
+            }
         }
     }
+    checks.pass(READS, format!("{} members", names.len()));
     let mut bad_names = Offenders::default();
     for (name, ty) in &names {
         let ok = match &name[..] {
@@ -505,8 +526,8 @@ fn check_layer(
         None,
         &format!("layer {}", i + 1),
         &mut ignored,
-        |ordinal, entry, pax| {
-            match layer::parse_member(entry, pax) {
+        |ordinal, entry, raw| {
+            match layer::parse_member(entry, raw) {
                 Ok(m) => rules.observe(Member::from_parsed(&m)),
                 Err(e) => escapes.add(|| format!("#{ordinal}: {e:#}")),
             }

@@ -246,6 +246,197 @@ fn gzip_bomb_streams_with_bounded_memory() {
     );
 }
 
+/// Runs `hakim-convert convert` on `f` and stops it once it has written more
+/// than 64 MiB or run 60 s (what the sparse bomb did before sparse files were
+/// kept sparse): exit status, stderr, seconds, and the most bytes seen in the
+/// output directory.
+fn convert_bounded(f: &Fixture, extra: &[&str]) -> (bool, String, f64, u64) {
+    const MAX_BYTES: u64 = 64 << 20;
+    let started = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hakim-convert"))
+        .arg("convert")
+        .arg(format!("oci:{}:1", f.layout().display()))
+        .arg("-o")
+        .arg(f.out())
+        .args(["--name", "fixture", "-q"])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut most = 0;
+    let status = loop {
+        most = most.max(common::dir_bytes(&f.out()));
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        if most > MAX_BYTES || secs > 60.0 {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!(
+                "stopped after {secs:.1} s: {most} bytes written for a layer of a few hundred bytes"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    (status.success(), stderr, secs, most)
+}
+
+/// The sparse bomb of issue 13: a layer of a few hundred bytes holding one old
+/// GNU sparse member that claims 1 TiB. It made `convert` write every zero
+/// (54 GB in 120 s with `--compression none`, hours of CPU with xz). Now the
+/// claim is refused at once by the default `--max-sparse-size`, with the layer
+/// and the member named; with the limit raised the file is written sparse, so
+/// the output is as small as the layer, whatever the compression.
+#[test]
+fn a_sparse_bomb_costs_what_its_layer_holds() {
+    const TIB: u64 = 1 << 40;
+    let tar = [
+        common::gnu_sparse_member("var/lib/bomb", TIB, &[(TIB - 512, &[b'X'; 512])]),
+        vec![0; 1024],
+    ]
+    .concat();
+    let layer = SampleLayer::new(tar, BlobCompression::Gzip);
+    assert!(layer.blob.len() < 200, "{} bytes", layer.blob.len());
+    let digest = Digest::of_bytes(&layer.blob).to_string();
+    let f = Fixture::new(&[layer]);
+
+    let (ok, stderr, secs, most) = convert_bounded(&f, &["--compression", "none"]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains(&format!("layer 1 ({digest}): member #0 'var/lib/bomb'")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("sparse file of 1 TiB (1099511627776 bytes, 512 bytes of data)")
+            && stderr.contains("--max-sparse-size"),
+        "{stderr}"
+    );
+    assert!(f.outputs().is_empty(), "{:?}", f.outputs());
+    assert!(most < 4096 && secs < 10.0, "{most} bytes, {secs:.1} s");
+
+    for compression in ["none", "zstd", "xz", "gzip"] {
+        let (ok, stderr, secs, most) = convert_bounded(
+            &f,
+            &["--compression", compression, "--max-sparse-size", "1T"],
+        );
+        assert!(ok, "{compression}: {stderr}");
+        eprintln!("{compression}: {most} bytes written in {secs:.2} s");
+        assert!(most < 64 << 10, "{compression}: {most} bytes");
+        assert!(secs < 20.0, "{compression}: {secs:.1} s");
+    }
+    let artifact = f.out().join("fixture.tar");
+    let mut ar = tar::Archive::new(std::fs::File::open(&artifact).unwrap());
+    let sparse: Vec<(String, u64)> = ar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.header().entry_type() == tar::EntryType::GNUSparse)
+        .map(|e| {
+            (
+                String::from_utf8_lossy(&e.path_bytes()).into_owned(),
+                e.size(),
+            )
+        })
+        .collect();
+    assert_eq!(sparse, [("./var/lib/bomb".to_string(), TIB)]);
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop; `None`
+/// when this process may not mount (not root, no tmpfs).
+struct SmallTmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallTmpfs {
+    fn mount(size: &str) -> Option<SmallTmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallTmpfs { dir })
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// A full disk while writing is the output's fault: the error says so and
+/// names the output file, not the layer being copied ("second read: layer 2
+/// … No space left on device" before), and nothing is left behind.
+#[test]
+fn a_full_output_disk_is_reported_as_the_output() {
+    let Some(tmpfs) = SmallTmpfs::mount("1m") else {
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    // 4 MiB that no compressor shrinks, in the second layer.
+    let mut noise = vec![0u8; 4 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let noisy = L::new().entry(b"noise", OutKind::File, 0o644, None, &noise, &[]);
+    let f = Fixture::new(&[
+        plain(L::new().file("etc/os-release", "ID=debian\n")),
+        SampleLayer::new(noisy.finish(), BlobCompression::Gzip),
+    ]);
+    for (i, extra) in [
+        &["--compression", "none"][..],
+        &["--compression", "zstd"],
+        &["--format", "oci-archive"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = tmpfs.dir.path().join(format!("out{i}"));
+        let result = Command::new(env!("CARGO_BIN_EXE_hakim-convert"))
+            .arg("convert")
+            .arg(format!("oci:{}:1", f.layout().display()))
+            .arg("-o")
+            .arg(&out)
+            .args(["--name", "full", "-q"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot write the output file")
+                && stderr.contains(&out.join("full.tar").display().to_string())
+                && stderr.contains("No space left on device"),
+            "{extra:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("layer 2") && !stderr.contains("second read"),
+            "{extra:?}: {stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{extra:?}: left behind {left:?}");
+    }
+}
+
 /// The documented bound (docs/converter.md, "Memory"): a million entries in one
 /// layer stay under 600 MB. `ci/bench-limits.sh` runs this in release mode.
 #[test]

@@ -9,8 +9,10 @@
 //! * a member's parent directory is an earlier member;
 //! * a hardlink's target is an earlier member that is neither a directory nor
 //!   itself a hardlink;
-//! * only directories, files, symlinks, hardlinks and fifos; headers and their
-//!   checksums are valid ustar, and the archive ends with its marker;
+//! * only directories, files (sparse files as old GNU sparse members whose
+//!   map is ordered, inside the file and matches the data stored), symlinks,
+//!   hardlinks and fifos; headers and their checksums are valid ustar (GNU for
+//!   sparse members), and the archive ends with its marker;
 //! * the only PAX records besides names, ids and times are `user.*` and
 //!   `security.capability` xattrs;
 //! * the counts agree with what `emit` reported.
@@ -31,7 +33,10 @@ pub struct Member {
     pub gid: u64,
     pub mtime: u64,
     pub link: Vec<u8>,
+    /// The data stored (for a sparse file: its chunks back to back).
     pub data: Vec<u8>,
+    /// A sparse file's real size and `(offset, length)` map.
+    pub sparse: Option<(u64, Vec<(u64, u64)>)>,
     /// PAX records of the member other than the ones folded into the fields.
     pub records: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -61,6 +66,42 @@ fn octal(field: &[u8]) -> u64 {
     }
     u64::from_str_radix(std::str::from_utf8(&text).expect("ASCII"), 8)
         .unwrap_or_else(|_| panic!("bad octal field {:?}", shown(field)))
+}
+
+/// A numeric field that may be GNU base-256 (sparse members' sizes and map).
+fn number(field: &[u8]) -> u64 {
+    if field[0] & 0x80 == 0 {
+        return octal(field);
+    }
+    field[1..].iter().fold((field[0] & 0x7f) as u64, |v, &b| {
+        v.checked_mul(256)
+            .and_then(|v| v.checked_add(b as u64))
+            .expect("base-256 fits 64 bits")
+    })
+}
+
+/// The map of an old GNU sparse header and its extension blocks (which start
+/// at `ext`): real size, pairs, number of extension blocks.
+fn sparse_map(h: &[u8], ext: &[u8]) -> (u64, Vec<(u64, u64)>, usize) {
+    let mut pairs = Vec::new();
+    let mut add = |pair: &[u8]| {
+        if pair.iter().any(|&b| b != 0) {
+            pairs.push((number(&pair[..12]), number(&pair[12..24])));
+        }
+    };
+    h[386..482].chunks(24).for_each(&mut add);
+    let mut blocks = 0;
+    let mut extended = h[482];
+    while extended != 0 {
+        assert_eq!(extended, 1, "isextended flag");
+        let block = ext
+            .get(blocks * 512..(blocks + 1) * 512)
+            .expect("sparse extension block");
+        block[..504].chunks(24).for_each(&mut add);
+        extended = block[504];
+        blocks += 1;
+    }
+    (number(&h[483..495]), pairs, blocks)
 }
 
 fn cstr(field: &[u8]) -> &[u8] {
@@ -117,9 +158,16 @@ pub fn read(bytes: &[u8]) -> Vec<Member> {
         copy[148..156].fill(b' ');
         let sum: u64 = copy.iter().map(|&b| b as u64).sum();
         assert_eq!(octal(&h[148..156]), sum, "header checksum at {pos}");
-        assert_eq!(&h[257..265], b"ustar\x0000", "ustar magic at {pos}");
-        let size = octal(&h[124..136]);
-        let data_start = pos + 512;
+        let sparse = (h[156] == b'S').then(|| {
+            assert_eq!(&h[257..265], b"ustar  \0", "GNU magic at {pos}");
+            sparse_map(h, &bytes[pos + 512..])
+        });
+        if sparse.is_none() {
+            assert_eq!(&h[257..265], b"ustar\x0000", "ustar magic at {pos}");
+        }
+        let size = number(&h[124..136]);
+        let ext_blocks = sparse.as_ref().map_or(0, |s| s.2);
+        let data_start = pos + 512 * (1 + ext_blocks);
         let data_end = data_start + size as usize;
         let data = bytes.get(data_start..data_end).expect("member data");
         pos = data_start + (size as usize).div_ceil(512) * 512;
@@ -127,7 +175,12 @@ pub fn read(bytes: &[u8]) -> Vec<Member> {
             pending.extend(pax_records(data));
             continue;
         }
-        let prefix = cstr(&h[345..500]);
+        // GNU headers have no prefix field (atime, ctime and the map sit there).
+        let prefix = if sparse.is_some() {
+            &[][..]
+        } else {
+            cstr(&h[345..500])
+        };
         let mut m = Member {
             name: if prefix.is_empty() {
                 cstr(&h[..100]).to_vec()
@@ -141,6 +194,7 @@ pub fn read(bytes: &[u8]) -> Vec<Member> {
             mtime: octal(&h[136..148]),
             link: cstr(&h[157..257]).to_vec(),
             data: data.to_vec(),
+            sparse: sparse.map(|(real, pairs, _)| (real, pairs)),
             records: Vec::new(),
         };
         let number = |v: &[u8]| -> u64 { shown(v).parse().expect("a PAX number") };
@@ -196,9 +250,41 @@ pub fn check(bytes: &[u8], stats: Option<&EmitStats>) -> Vec<Member> {
     let mut counts: HashMap<Seen, u64> = HashMap::new();
     for (i, m) in members.iter().enumerate() {
         let name = &m.name;
+        if let Some((real, pairs)) = &m.sparse {
+            // Data chunks in order, inside the file, the stored data exactly;
+            // an empty chunk only last, at the real size (a trailing hole).
+            let mut end = 0;
+            for (i, &(offset, len)) in pairs.iter().enumerate() {
+                assert!(offset >= end, "'{}': sparse map out of order", shown(name));
+                end = offset.checked_add(len).expect("sparse chunk end");
+                assert!(
+                    end <= *real,
+                    "'{}': sparse chunk past the file",
+                    shown(name)
+                );
+                assert!(
+                    len > 0 || (i + 1 == pairs.len() && offset == *real),
+                    "'{}': empty sparse chunk inside the map",
+                    shown(name)
+                );
+            }
+            assert_eq!(
+                end,
+                *real,
+                "'{}': sparse map does not reach its size",
+                shown(name)
+            );
+            let stored: u64 = pairs.iter().map(|p| p.1).sum();
+            assert_eq!(
+                stored,
+                m.data.len() as u64,
+                "'{}': sparse data",
+                shown(name)
+            );
+        }
         let kind = match m.kind {
             b'5' => Seen::Dir,
-            b'0' => Seen::File,
+            b'0' | b'S' => Seen::File,
             b'2' => Seen::Symlink,
             b'1' => Seen::Hardlink,
             b'6' => Seen::Fifo,

@@ -190,18 +190,7 @@ pub fn resolve_location(base: &Uri, location: &str) -> Option<String> {
     Some(format!("{scheme}://{authority}{dir}{loc}"))
 }
 
-/// A printable, bounded excerpt of server-provided text.
-pub fn printable(s: &str, max: usize) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(max)
-        .collect();
-    if s.chars().count() > max {
-        out.push('…');
-    }
-    out.trim().to_string()
-}
+pub use crate::text::printable;
 
 /// Whether a body (or its content type) is an HTML page rather than JSON or a blob.
 pub fn looks_like_html(content_type: Option<&str>, body_start: &[u8]) -> bool {
@@ -233,7 +222,7 @@ fn registry_message(body: &[u8]) -> Option<String> {
         })
         .filter(|s| !s.is_empty())
         .collect();
-    (!parts.is_empty()).then(|| printable(&parts.join("; "), 300))
+    (!parts.is_empty()).then(|| printable(parts.join("; "), 300))
 }
 
 pub fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
@@ -1135,6 +1124,6 @@ mod tests {
             percent_encode("repository:a/b:pull"),
             "repository%3Aa%2Fb%3Apull"
         );
-        assert_eq!(printable("a\nb\u{7}c", 10), "a b c");
+        assert_eq!(printable("a\nb\u{7}c", 10), "a\\nb\\x07c");
     }
 }

@@ -244,3 +244,59 @@ pub fn rewrite_image(
     )
     .unwrap();
 }
+
+/// The raw bytes of an old GNU sparse member (`S`, as `tar --sparse
+/// --format=gnu` writes it), built by hand: `chunks` are `(offset, data)` in
+/// order (all but the last a multiple of 512 bytes long); a trailing hole
+/// gets GNU tar's closing empty chunk at `real_size`; past four chunks the map
+/// continues in extension blocks. No end-of-archive marker.
+pub fn gnu_sparse_member(name: &str, real_size: u64, chunks: &[(u64, &[u8])]) -> Vec<u8> {
+    let mut pairs: Vec<(u64, u64)> = chunks.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
+    if pairs.last().map_or(0, |&(o, l)| o + l) < real_size {
+        pairs.push((real_size, 0));
+    }
+    let stored: u64 = pairs.iter().map(|p| p.1).sum();
+    let mut h = tar::Header::new_gnu();
+    h.set_path(name).unwrap();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h.set_size(stored);
+    let gnu = h.as_gnu_mut().unwrap();
+    for (slot, &(offset, len)) in gnu.sparse.iter_mut().zip(&pairs) {
+        slot.set_offset(offset);
+        slot.set_length(len);
+    }
+    gnu.set_real_size(real_size);
+    gnu.set_is_extended(pairs.len() > 4);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    let rest: Vec<&[(u64, u64)]> = pairs.get(4..).unwrap_or_default().chunks(21).collect();
+    for (i, block) in rest.iter().enumerate() {
+        let mut ext = tar::GnuExtSparseHeader::new();
+        for (slot, &(offset, len)) in ext.sparse_mut().iter_mut().zip(block.iter()) {
+            slot.set_offset(offset);
+            slot.set_length(len);
+        }
+        ext.set_is_extended(i + 1 < rest.len());
+        out.extend_from_slice(ext.as_bytes());
+    }
+    for (_, data) in chunks {
+        out.extend_from_slice(data);
+    }
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// Total bytes of the files in `dir` (hidden ones included), 0 if it is missing.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
