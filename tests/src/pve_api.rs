@@ -119,11 +119,44 @@ pub fn token_shape_ok(token: &str) -> bool {
         .all(|p| !p.is_empty())
 }
 
+extern "C" {
+    fn setns(fd: std::ffi::c_int, nstype: std::ffi::c_int) -> std::ffi::c_int;
+}
+
+/// Runs `f` on a thread that joined the network namespace of process `pid` (only that thread
+/// changes namespace), and returns its result.
+pub fn in_netns<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+            .unwrap_or_else(|e| panic!("open /proc/{pid}/ns/net: {e}"));
+        // SAFETY: plain syscall on a valid descriptor; CLONE_NEWNET changes this thread only.
+        let rc = unsafe { setns(ns.as_raw_fd(), 0x4000_0000) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("thread in the network namespace panicked")
+}
+
 impl PveApi {
     /// Listens on 127.0.0.1:0 and accepts `token` (`USER@REALM!TOKENID=SECRET`).
     pub fn start(token: &str) -> PveApi {
-        assert!(token_shape_ok(token), "not an API token: {token}");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        Self::serve(token, listener)
+    }
+
+    /// Like [`PveApi::start`], listening on 127.0.0.1 inside the network namespace of process
+    /// `pid` (a namespace with nothing but loopback keeps a tool from reaching anything else).
+    pub fn start_in_netns(token: &str, pid: u32) -> PveApi {
+        let listener = in_netns(pid, || {
+            TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 in the namespace")
+        });
+        Self::serve(token, listener)
+    }
+
+    fn serve(token: &str, listener: TcpListener) -> PveApi {
+        assert!(token_shape_ok(token), "not an API token: {token}");
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(State::default()));

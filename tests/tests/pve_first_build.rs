@@ -25,6 +25,9 @@
 //! * [`script_failures_are_clear_and_secret_free`], [`tls_options_reach_curl`],
 //!   [`script_runs_under_busybox_sh`] (Coder's provisioner image is Alpine: busybox sh, awk,
 //!   sed).
+//! * [`terraform_runs_the_script_without_showing_a_secret`]: `main.tf`'s own `terraform_data`
+//!   block run by Terraform's `local-exec` (when a `terraform` binary is installed), in a
+//!   network namespace with nothing but loopback.
 //!
 //! In every run: neither the agent token nor the API token appears in the script's output or in
 //! any curl command line (a wrapper records curl's argv), and every request carried
@@ -33,15 +36,18 @@
 //! Never run against a real Proxmox VE host: the API's answers, pvedaemon's error format, the
 //! task status polling and the permission names are taken from pve-manager/pve-container
 //! sources; LXC here is 5.0 (`lxc.environment`, which gives init the same environment as
-//! LXC 6's `lxc.environment.runtime`); the Terraform side (bpg provider, `terraform_data`,
-//! Coder's transitions) is checked by parsing only (`tests/tests/docs.rs`).
+//! LXC 6's `lxc.environment.runtime`); the bpg and coder providers and Coder's provisioner
+//! never ran: their part of `main.tf` is checked by parsing (`tests/tests/docs.rs`), and the
+//! Terraform run here stands variables in for what they would give the `terraform_data`.
 //!
 //! Gating: `sh` and `curl` for the script tests; root and LXC for the boots (`skipping: …`
-//! unless `HAKIM_E2E=1`).
+//! unless `HAKIM_E2E=1`); the Terraform test also needs root, `unshare`, `nsenter`, `ip`, and
+//! skips without `terraform` even with `HAKIM_E2E=1` (nothing installs it).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -50,7 +56,7 @@ use hakim_e2e::lxc::{
     Net, RootfsOptions, BOOT_TIMEOUT, RECORD, SIGTERM,
 };
 use hakim_e2e::pve::{self, OciContainer};
-use hakim_e2e::pve_api::{request, Call, PveApi};
+use hakim_e2e::pve_api::{in_netns, request, Call, PveApi};
 use hakim_e2e::{find_on_path, gate, workspace_root};
 use serde_json::json;
 
@@ -60,6 +66,7 @@ const API_SECRET: &str = "5e1c3a2b-9d7e-4c1f-8a6b-0f2d4e6a8c0e";
 const TOKEN_1: &str = "0d6f1c2e-7b3a-4e59-a1c8-93f5d2b7e604";
 const TOKEN_2: &str = "7a1e9b40-2c6d-4f83-b5e2-1d9c0a4f6e37";
 const TOKEN_3: &str = "c3b8f5d1-6e2a-4b97-8d10-5f7e2a9c4b68";
+const TOKEN_4: &str = "e9d27a6c-41b5-4f0e-9c83-2b6a7d1f5e90";
 const NODE: &str = "pve";
 const VMID: u32 = 123;
 const OCI_TEMPLATE: &str = "local:vztmpl/hakim-ws.tar";
@@ -130,6 +137,10 @@ fn env_lines(vars: &[(String, String)]) -> String {
 /// The bpg provider's create call: `start=0` for `started = false`; `env` sorted by name and
 /// NUL-joined as the provider encodes `environment_variables`.
 fn provider_create(api: &PveApi, template: &str, env: Option<&[(String, String)]>, start: bool) {
+    provider_create_at(api.port, template, env, start);
+}
+
+fn provider_create_at(port: u16, template: &str, env: Option<&[(String, String)]>, start: bool) {
     let joined = env.map(|vars| {
         let mut sorted: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v}")).collect();
         sorted.sort();
@@ -147,7 +158,7 @@ fn provider_create(api: &PveApi, template: &str, env: Option<&[(String, String)]
         form.push(("env", env));
     }
     let (status, body) = request(
-        api.port,
+        port,
         API_TOKEN,
         "POST",
         &format!("/nodes/{NODE}/lxc"),
@@ -841,5 +852,266 @@ fn script_passes_shellcheck() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Terraform itself
+// ---------------------------------------------------------------------------------------------
+
+/// A network namespace with nothing but loopback, held by a `sleep` this test starts (and
+/// kills, by pid, when dropped).
+struct Netns {
+    child: std::process::Child,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let child = Command::new("unshare")
+            .args([
+                "--net",
+                "--",
+                "sh",
+                "-c",
+                "ip link set lo up && exec sleep 600",
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare --net");
+        let ns = Netns { child };
+        let pid = ns.pid();
+        let t = Instant::now();
+        while fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|c| c.trim() != "sleep")
+            .unwrap_or(true)
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the namespace never came up"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_ne!(
+            fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+            fs::read_link("/proc/self/ns/net").unwrap(),
+            "not a new network namespace"
+        );
+        ns
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The lines of `text` from the one starting with `first` to the next line that is exactly
+/// `last` (indented as written).
+fn lines_between(text: &str, first: &str, last: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if !inside && line.trim_start().starts_with(first) {
+            inside = true;
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+            if line == last {
+                return out;
+            }
+        }
+    }
+    panic!("no block from {first:?} to {last:?}");
+}
+
+/// A configuration holding main.tf's own `terraform_data.oci_env` block and its
+/// `local.workspace_env`, with what comes from the coder and proxmox providers turned into
+/// variables (those providers are not available here).
+fn terraform_harness(dir: &Path) {
+    let main =
+        fs::read_to_string(workspace_root().join("docs/examples/coder-proxmox/main.tf")).unwrap();
+    let block = lines_between(&main, "resource \"terraform_data\" \"oci_env\"", "}");
+    let env = lines_between(&main, "workspace_env = {", "  }");
+    let substitute = |t: &str| {
+        t.replace("data.coder_workspace.me.access_url", "var.access_url")
+            .replace("data.coder_workspace.me.transition", "var.transition")
+            .replace("coder_agent.main.token", "var.agent_token")
+    };
+    let (block, env) = (substitute(&block), substitute(&env));
+    for stale in [
+        "data.",
+        "coder_agent.",
+        "proxmox_virtual_environment_",
+        "proxmox_oci_image",
+    ] {
+        assert!(
+            !block.contains(stale) && !env.contains(stale),
+            "main.tf's terraform_data refers to {stale}…, which the harness does not stand in for:\n{block}{env}"
+        );
+    }
+    let mut tf = String::new();
+    for (name, sensitive) in [
+        ("proxmox_endpoint", false),
+        ("proxmox_api_token", true),
+        ("proxmox_ca_file", false),
+        ("node_name", false),
+        ("agent_token", true),
+        ("transition", false),
+        ("access_url", false),
+    ] {
+        tf.push_str(&format!(
+            "variable \"{name}\" {{\n  type      = string\n  sensitive = {sensitive}\n  default   = \"\"\n}}\n"
+        ));
+    }
+    tf.push_str("variable \"proxmox_insecure\" {\n  type    = bool\n  default = false\n}\n");
+    tf.push_str(&format!(
+        "locals {{\n  oci   = true\n  vm_id = {VMID}\n{env}}}\n{block}"
+    ));
+    fs::write(dir.join("main.tf"), tf).unwrap();
+    fs::copy(workspace_root().join(SCRIPT), dir.join("pve-oci-env.sh")).unwrap();
+    fs::write(dir.join("terraformrc"), "").unwrap();
+}
+
+/// `terraform ARGS` in `dir`, inside the namespace; (success, stdout + stderr).
+fn terraform(ns: &Netns, dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/proc/{}/ns/net", ns.pid()))
+        .arg("terraform")
+        .arg(format!("-chdir={}", dir.display()))
+        .args(args)
+        .env("TF_CLI_CONFIG_FILE", dir.join("terraformrc"))
+        .env("CHECKPOINT_DISABLE", "1")
+        .env("TF_IN_AUTOMATION", "1")
+        .env("TF_INPUT", "0")
+        .env_remove("TF_LOG")
+        .stdin(Stdio::null());
+    for (k, v) in vars {
+        cmd.env(format!("TF_VAR_{k}"), v);
+    }
+    let out = cmd.output().expect("run terraform");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// main.tf's `terraform_data.oci_env`, run by Terraform's own `local-exec` (builtin: no
+/// provider needed) inside a network namespace that has nothing but loopback: the script
+/// runs on the first apply, not again for the same build, again for every new token or
+/// transition, and after a failure; Terraform's output — the error of a failed run
+/// included, which carries the script's output — never shows a token. Needs the
+/// `terraform` binary, which `ci/install-deps.sh` does not install: skipped without it.
+#[test]
+fn terraform_runs_the_script_without_showing_a_secret() {
+    if !script_ready() {
+        return;
+    }
+    if find_on_path("terraform").is_none() {
+        println!("skipping: terraform missing (optional; ci/install-deps.sh does not install it)");
+        return;
+    }
+    if !gate(&hakim_e2e::missing_tools_or_root(
+        &["unshare", "nsenter", "ip"],
+        "a network namespace",
+    )) {
+        return;
+    }
+    let ns = Netns::new();
+    let api = PveApi::start_in_netns(API_TOKEN, ns.pid());
+    api.add_image(OCI_TEMPLATE, image());
+    let port = api.port;
+    in_netns(ns.pid(), move || {
+        provider_create_at(port, OCI_TEMPLATE, None, false)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    terraform_harness(dir.path());
+    let (ok, out) = terraform(&ns, dir.path(), &["init", "-no-color"], &[]);
+    assert!(ok, "terraform init:\n{out}");
+    let url = api.url();
+    let apply = |token: &str, transition: &str| {
+        let vars = [
+            ("proxmox_endpoint", url.as_str()),
+            ("proxmox_api_token", API_TOKEN),
+            ("node_name", NODE),
+            ("agent_token", token),
+            ("transition", transition),
+            ("access_url", "https://coder.example.com/"),
+        ];
+        let (ok, out) = terraform(
+            &ns,
+            dir.path(),
+            &["apply", "-auto-approve", "-no-color"],
+            &vars,
+        );
+        for secret in [TOKEN_1, TOKEN_2, TOKEN_3, TOKEN_4, API_TOKEN, API_SECRET] {
+            assert!(
+                !out.contains(secret),
+                "Terraform's output shows a secret ({}…):\n{out}",
+                &secret[..6]
+            );
+        }
+        (ok, out)
+    };
+    let non_get = |from: usize| changes(&api.calls()[from..]);
+
+    let (ok, out) = apply(TOKEN_1, "start");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("output suppressed due to sensitive value"),
+        "{out}"
+    );
+    let ct = api.ct(VMID);
+    assert_eq!(get(&ct.starts[0], "CODER_AGENT_TOKEN"), Some(TOKEN_1));
+    println!("terraform --- first apply\n{out}");
+
+    // The same build again: nothing to do for Terraform, no call.
+    let from = api.calls().len();
+    let (ok, out) = apply(TOKEN_1, "start");
+    assert!(ok && out.contains("No changes."), "{out}");
+    assert_eq!(
+        api.calls().len(),
+        from,
+        "the script ran again for the same build"
+    );
+
+    // A stop build, then a start build with a new token.
+    let from = api.calls().len();
+    let (ok, out) = apply(TOKEN_2, "stop");
+    assert!(ok, "{out}");
+    assert_eq!(
+        non_get(from),
+        [format!("POST {}", ct_path("/status/shutdown"))]
+    );
+    let (ok, out) = apply(TOKEN_3, "start");
+    assert!(ok, "{out}");
+    let ct = api.ct(VMID);
+    assert!(ct.running);
+    assert_eq!(
+        get(ct.starts.last().unwrap(), "CODER_AGENT_TOKEN"),
+        Some(TOKEN_3)
+    );
+
+    // A failed start fails the build with the script's reason, and no secret; the next
+    // apply of the same build runs the script again (the resource is tainted).
+    api.fail_next_start("startup for container '123' failed");
+    let (ok, out) = apply(TOKEN_4, "start");
+    assert!(!ok, "{out}");
+    assert!(out.contains("start of CT 123 failed"), "{out}");
+    println!("terraform --- failed apply\n{out}");
+    let (ok, out) = apply(TOKEN_4, "start");
+    assert!(ok, "{out}");
+    let ct = api.ct(VMID);
+    assert_eq!(
+        get(ct.starts.last().unwrap(), "CODER_AGENT_TOKEN"),
+        Some(TOKEN_4)
     );
 }
