@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ci/install-deps.sh
-shellcheck ci/*.sh .ci/run
+shellcheck ci/*.sh .ci/run docs/examples/coder-proxmox/pve-oci-env.sh
 ci/actionlint.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

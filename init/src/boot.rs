@@ -68,12 +68,16 @@ pub fn run(args: &[String]) -> i32 {
             for b in bad {
                 log(format!("{}: {b}", env::IMAGE_ENV_FILE));
             }
-            vars
+            Some(vars)
         }
-        Err(_) => Vec::new(),
+        Err(_) => None,
     };
-    let merged = env::merge(&image_env, process_env);
     let daemon = command.is_empty();
+    let hint = match &image_env {
+        Some(image_env) if daemon => env::no_agent_hint(&process_env, image_env),
+        _ => None,
+    };
+    let merged = env::merge(image_env.as_deref().unwrap_or_default(), process_env);
     let wants_agent = [
         "CODER_AGENT_URL",
         "CODER_AGENT_BOOTSTRAP",
@@ -94,6 +98,17 @@ pub fn run(args: &[String]) -> i32 {
         std::process::id(),
         names.join(" ")
     ));
+    let no_agent = [
+        crate::agent_config::ENV_URL,
+        crate::agent_config::ENV_TOKEN,
+        crate::agent_config::ENV_TOKEN_FILE,
+        crate::agent_config::ENV_BOOTSTRAP,
+    ]
+    .iter()
+    .all(|k| merged.get(*k).is_none_or(|v| v.trim().is_empty()));
+    if let Some(hint) = hint.filter(|_| no_agent) {
+        crate::supervisor::warn(hint);
+    }
 
     let sys = RealSys;
     let user = prepare_workspace(&sys, &merged, is_pid1, daemon);

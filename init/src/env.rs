@@ -88,6 +88,41 @@ pub fn without_oversized(
     (kept, dropped)
 }
 
+/// Where the documentation explains how the agent's variables reach a new container.
+pub const FIRST_BUILD_DOC: &str = "docs/proxmox.md#first-build";
+
+/// Variables LXC and Proxmox hand every container's PID 1 by themselves: `container` and
+/// `container_ttys` (LXC), `TERM` (Proxmox's `lxc.environment = TERM=linux`).
+const RUNTIME_ENV: &[&str] = &["container", "container_ttys", "TERM"];
+
+/// One log line for a daemon boot that has no agent configuration, when the environment tells
+/// why: every variable the container was given (`process`, less [`RUNTIME_ENV`]) is one of the
+/// image's own, with the same value (`image_env`, from [`IMAGE_ENV_FILE`]) — what Proxmox's
+/// OCI route leaves after replacing the `env` given at creation — or it was given none at all.
+/// `None` when anything came from elsewhere (a template that set other variables).
+pub fn no_agent_hint(
+    process: &[(String, String)],
+    image_env: &[(String, String)],
+) -> Option<String> {
+    let mut given = process
+        .iter()
+        .filter(|(k, _)| !RUNTIME_ENV.contains(&k.as_str()))
+        .peekable();
+    let cause = if given.peek().is_none() {
+        "the container was started with no environment of its own: the template likely sets \
+         no CODER_AGENT_URL/CODER_AGENT_TOKEN"
+    } else if given.all(|(k, v)| image_env.iter().any(|(ik, iv)| ik == k && iv == v)) {
+        "the container's environment holds only the image's own variables (those of \
+         /etc/hakim/image.env): likely Proxmox's OCI route, which replaces the env given at \
+         creation with the image's Env; set env after creating the container, then start it"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "no Coder agent configured: {cause} (see {FIRST_BUILD_DOC})"
+    ))
+}
+
 /// `1`, `true`, `yes`, `on` (any case) are true; everything else false.
 pub fn truthy(value: &str) -> bool {
     matches!(
@@ -136,6 +171,49 @@ pub fn expand(input: &str, env: &Env) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn hint_when_only_the_image_env_arrived() {
+        let image = pairs(&[("PATH", "/usr/bin:/bin"), ("LANG", "C.UTF-8"), ("X", "1")]);
+        // Proxmox's OCI route: the image's Env (all or part of it) plus LXC's own variables.
+        let oci = pairs(&[
+            ("container", "lxc"),
+            ("TERM", "linux"),
+            ("PATH", "/usr/bin:/bin"),
+            ("LANG", "C.UTF-8"),
+        ]);
+        let line = no_agent_hint(&oci, &image).expect("hint");
+        assert!(line.contains("OCI route"), "{line}");
+        assert!(line.contains(FIRST_BUILD_DOC), "{line}");
+        assert!(!line.contains('\n'), "one line: {line}");
+        // Nothing but LXC's variables: a template that set nothing.
+        let bare = pairs(&[
+            ("container", "lxc"),
+            ("container_ttys", ""),
+            ("TERM", "linux"),
+        ]);
+        let line = no_agent_hint(&bare, &image).expect("hint");
+        assert!(line.contains("no environment of its own"), "{line}");
+        assert!(line.contains(FIRST_BUILD_DOC), "{line}");
+        assert!(no_agent_hint(&[], &[]).is_some());
+    }
+
+    #[test]
+    fn no_hint_when_something_came_from_elsewhere() {
+        let image = pairs(&[("PATH", "/usr/bin:/bin"), ("LANG", "C.UTF-8")]);
+        // A variable the image does not have (a template's own, Docker's HOSTNAME).
+        let other = pairs(&[("PATH", "/usr/bin:/bin"), ("START_XVFB", "0")]);
+        assert_eq!(no_agent_hint(&other, &image), None);
+        // The image's variable with another value.
+        let changed = pairs(&[("PATH", "/opt/bin"), ("LANG", "C.UTF-8")]);
+        assert_eq!(no_agent_hint(&changed, &image), None);
+    }
 
     #[test]
     fn oversized_variables_are_held_back() {

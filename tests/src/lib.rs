@@ -661,5 +661,6 @@ pub mod fault_proxy;
 pub mod images;
 pub mod lxc;
 pub mod pve;
+pub mod pve_api;
 pub mod pytools;
 pub mod registry;

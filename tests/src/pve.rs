@@ -14,9 +14,19 @@
 //!   SIGTERM), WorkingDir → `lxc.init.cwd`, User → `lxc.init.uid`/`gid` (refused here: the
 //!   converter must drop it).
 //!
-//! [`lxc_config`] writes what of Proxmox's generated config matters to the init: the entry
-//! point, `lxc.environment = TERM=linux`, the `env` lines, the halt signal, the `/dev/shm`
-//! tmpfs of application containers and the id map. One difference: Proxmox VE 9.1 ships
+//! [`oci_lxc_config`] and [`rootfs_lxc_config`] write what of Proxmox's generated config matters
+//! to the init: the entry point, `lxc.environment = TERM=linux`, the `env` lines, the halt
+//! signal, the `/dev/shm` tmpfs of application containers and the id map.
+//!
+//! The container's `env` option through its life ([`env_after_oci_create`], [`CtEnv`],
+//! [`lxc_environment`]), as `tests/tests/pve_first_build.rs`'s API stand-in replays it:
+//! creating from an OCI image replaces the `env` the caller gave with the image's Env
+//! (`API2/LXC.pm` applies the caller's parameters, then `Create.pm`'s `restore_oci_archive`
+//! sets `env`); `PUT …/config` applies `env` at once to a stopped container and parks it in
+//! `[pve:pending]` on a running one (`update_pct_config`: `env` is not hot-pluggable); a start
+//! applies what is pending, writes the config file and reads it back (`lxc.environment.runtime:`
+//! lines; the reader drops trailing whitespace) and writes the LXC config, one
+//! `lxc.environment.runtime` line per NUL-separated entry (`vm_start`, `update_lxc_config`). One difference: Proxmox VE 9.1 ships
 //! LXC 6, where `env` becomes `lxc.environment.runtime` lines (init only, not `lxc-attach`);
 //! LXC 5.0 here only has `lxc.environment`, which gives init the same environment.
 
@@ -147,6 +157,9 @@ pub struct OciContainer {
     pub entrypoint: Option<String>,
     /// The `env` option: the image's Env entries, `KEY=VALUE`.
     pub env: Vec<String>,
+    /// Whether the image config has an `Env` at all (an empty one still replaces the caller's
+    /// `env`; a missing one leaves it).
+    pub has_env: bool,
     /// `lxc.signal.halt`: StopSignal, default SIGTERM.
     pub halt_signal: String,
     /// `lxc.init.cwd`: WorkingDir.
@@ -244,6 +257,7 @@ pub fn oci_container(config: &Value) -> OciContainer {
     OciContainer {
         entrypoint,
         env: array("Env"),
+        has_env: config["Env"].is_array(),
         halt_signal: scalar("StopSignal").unwrap_or_else(|| "SIGTERM".into()),
         init_cwd: scalar("WorkingDir"),
         volumes,
@@ -254,6 +268,88 @@ pub fn oci_container(config: &Value) -> OciContainer {
 fn env_pair(entry: &str) -> (String, String) {
     let (k, v) = entry.split_once('=').unwrap_or((entry, ""));
     (k.to_string(), v.to_string())
+}
+
+/// The `env` option of a container just created from an OCI image, given the `env` the caller
+/// passed to `POST /nodes/{node}/lxc`: the caller's value is applied first, then
+/// `restore_oci_archive` sets `env` to the image's Env joined with NUL — whenever the image
+/// config has an `Env` (`$conf->{env} = join("\0", @Env)`, still so at pve-container 6.1.10).
+pub fn env_after_oci_create(caller_env: Option<&str>, image: &OciContainer) -> Option<String> {
+    if image.has_env {
+        Some(image.env.join("\0"))
+    } else {
+        caller_env.map(str::to_string)
+    }
+}
+
+/// The `env` option of a container just created from `template`: an OCI image's as
+/// [`env_after_oci_create`] says; a classic rootfs template never touches it, so the caller's
+/// stays.
+pub fn env_after_create(
+    caller_env: Option<&str>,
+    oci_image: Option<&OciContainer>,
+) -> Option<String> {
+    match oci_image {
+        Some(image) => env_after_oci_create(caller_env, image),
+        None => caller_env.map(str::to_string),
+    }
+}
+
+/// A container's `env` option: the value in effect and a pending one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CtEnv {
+    /// The config's `env` (what `GET …/config?current=1` shows).
+    pub current: Option<String>,
+    /// `env` in `[pve:pending]`, waiting for the next start.
+    pub pending: Option<String>,
+}
+
+impl CtEnv {
+    /// `PUT /nodes/{node}/lxc/{vmid}/config` with `env`: a stopped container takes it at once
+    /// (`vmconfig_apply_pending` for the modified options), a running one keeps it pending
+    /// (`vmconfig_hotplug_pending` only moves the fast-plug options; `env` is not one).
+    pub fn put(&mut self, value: &str, running: bool) {
+        if running {
+            self.pending = Some(value.to_string());
+        } else {
+            self.current = Some(value.to_string());
+            self.pending = None;
+        }
+    }
+
+    /// `vm_start`: pending changes are applied and the config is written and read back
+    /// (`lxc.environment.runtime: ENTRY` lines, whose trailing whitespace the reader drops),
+    /// then `update_lxc_config` turns `env` into the init's environment
+    /// ([`lxc_environment`]). Returns those `(name, value)` lines in order.
+    pub fn start(&mut self) -> Vec<(String, String)> {
+        if let Some(p) = self.pending.take() {
+            self.current = Some(p);
+        }
+        self.current = self.current.as_deref().map(|env| {
+            env.split('\0')
+                .filter(|e| !e.is_empty())
+                .map(|e| e.trim_end())
+                .collect::<Vec<_>>()
+                .join("\0")
+        });
+        lxc_environment(self.current.as_deref())
+    }
+}
+
+/// The environment `update_lxc_config` gives the init: `lxc.environment = TERM=linux`, then one
+/// `lxc.environment.runtime` line per entry of `env` (split at runs of NUL; an empty `env`
+/// writes none).
+pub fn lxc_environment(env: Option<&str>) -> Vec<(String, String)> {
+    let mut out = vec![("TERM".to_string(), "linux".to_string())];
+    if let Some(env) = env.filter(|e| !e.is_empty()) {
+        out.extend(env.split('\0').filter(|e| !e.is_empty()).map(env_pair));
+    }
+    out
+}
+
+/// `KEY=VALUE` entries joined the way the API's `env` parameter carries them.
+pub fn env_option(entries: impl IntoIterator<Item = String>) -> String {
+    entries.into_iter().collect::<Vec<_>>().join("\0")
 }
 
 /// The LXC config of a container created from an OCI archive: `lxc.environment = TERM=linux`,
@@ -267,9 +363,12 @@ pub fn oci_lxc_config(
     net: Net,
     idmap_base: Option<u32>,
 ) -> Config {
-    let mut env = vec![("TERM".to_string(), "linux".to_string())];
-    env.extend(oci.env.iter().map(|e| env_pair(e)));
-    env.extend(added.iter().cloned());
+    let env = lxc_environment(Some(&env_option(
+        oci.env
+            .iter()
+            .cloned()
+            .chain(added.iter().map(|(k, v)| format!("{k}={v}"))),
+    )));
     let mut extra = Vec::new();
     if oci.entrypoint.is_some() {
         extra.push("lxc.mount.entry = shm dev/shm tmpfs rw,nosuid,nodev,create=dir 0 0".into());
@@ -288,8 +387,9 @@ pub fn oci_lxc_config(
 /// The LXC config of a container created from a classic rootfs template: LXC's default halt
 /// signal, `lxc.init.cmd = /sbin/init`, `TERM=linux`, and `env` (`added`) if the user set any.
 pub fn rootfs_lxc_config(added: &[(String, String)], net: Net, idmap_base: Option<u32>) -> Config {
-    let mut env = vec![("TERM".to_string(), "linux".to_string())];
-    env.extend(added.iter().cloned());
+    let env = lxc_environment(Some(&env_option(
+        added.iter().map(|(k, v)| format!("{k}={v}")),
+    )));
     Config {
         net,
         init_cmd: Some("/sbin/init".into()),
@@ -341,6 +441,57 @@ mod tests {
         let sys = oci_container(&json!({"Entrypoint": ["/sbin/init"], "StopSignal": "SIGRTMIN+3"}));
         assert_eq!(sys.entrypoint, None);
         assert_eq!(sys.halt_signal, "SIGRTMIN+3");
+    }
+
+    #[test]
+    fn env_through_create_put_and_start() {
+        let image = oci_container(&json!({"Env": ["PATH=/usr/bin", "LANG=C.UTF-8"]}));
+        // Creation replaces the caller's env with the image's.
+        let created = env_after_oci_create(Some("CODER_AGENT_TOKEN=t"), &image);
+        assert_eq!(created.as_deref(), Some("PATH=/usr/bin\0LANG=C.UTF-8"));
+        let mut env = CtEnv {
+            current: created,
+            pending: None,
+        };
+        assert!(!env
+            .clone()
+            .start()
+            .iter()
+            .any(|(k, _)| k == "CODER_AGENT_TOKEN"));
+        // On a stopped container a PUT applies at once; a start writes it in order.
+        env.put("PATH=/usr/bin\0CODER_AGENT_TOKEN=t  \0\0X=1", false);
+        assert_eq!(env.pending, None);
+        let lines = env.start();
+        assert_eq!(
+            lines,
+            [
+                ("TERM", "linux"),
+                ("PATH", "/usr/bin"),
+                ("CODER_AGENT_TOKEN", "t"),
+                ("X", "1")
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        // On a running one it waits for the next start.
+        env.put("A=2", true);
+        assert_eq!(
+            env.current.as_deref(),
+            Some("PATH=/usr/bin\0CODER_AGENT_TOKEN=t\0X=1")
+        );
+        assert_eq!(env.start().len(), 2);
+        assert_eq!(env.current.as_deref(), Some("A=2"));
+        // An image without Env leaves the caller's; an empty Env still replaces it.
+        let none = oci_container(&json!({}));
+        assert_eq!(
+            env_after_oci_create(Some("A=1"), &none).as_deref(),
+            Some("A=1")
+        );
+        let empty = oci_container(&json!({"Env": []}));
+        assert_eq!(
+            env_after_oci_create(Some("A=1"), &empty).as_deref(),
+            Some("")
+        );
+        assert_eq!(lxc_environment(Some("")).len(), 1);
     }
 
     #[test]
