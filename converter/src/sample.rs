@@ -339,7 +339,7 @@ pub fn write_oci_layout(
 
 /// The small image `hakim-convert demo` converts: three layers exercising
 /// whiteouts, an opaque directory, hardlinks, symlinked parents, xattrs and a
-/// zstd layer.
+/// zstd layer. It has an `/sbin/init`, so its template meets every Proxmox rule.
 pub fn write_demo_image(dir: &Path) -> Result<Digest> {
     let os_release = "PRETTY_NAME=\"Debian GNU/Linux 13 (trixie)\"\nNAME=\"Debian GNU/Linux\"\n\
                       VERSION_ID=\"13\"\nVERSION_CODENAME=trixie\nID=debian\n";
@@ -361,6 +361,10 @@ pub fn write_demo_image(dir: &Path) -> Result<Digest> {
         .symlink("etc/os-release", "../usr/lib/os-release")
         .file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
         .file_mode("usr/bin/tool", "#!/bin/sh\necho tool\n", 0o755)
+        // An init, as Proxmox boots `/sbin/init` (here through a merged-/usr link).
+        .dir("usr/sbin/", 0o755)
+        .symlink("sbin", "usr/sbin")
+        .file_mode("usr/sbin/init", "#!/bin/sh\nexec sleep infinity\n", 0o755)
         .hardlink("usr/bin/tool-alias", "usr/bin/tool")
         .dir("var/", 0o755)
         .dir("var/cache/", 0o755)
