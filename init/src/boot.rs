@@ -41,6 +41,11 @@ pub fn run(args: &[String]) -> i32 {
 
     let command: Vec<String> = match args.first().map(String::as_str) {
         None => Vec::new(),
+        // `--` promises a command: without one it is a usage error, never daemon mode.
+        Some("--") if args.len() == 1 => {
+            eprintln!("hakim-init: -- needs a command\n{USAGE}");
+            return 2;
+        }
         Some("--") => args[1..].to_vec(),
         Some("-h" | "--help") => {
             println!("{USAGE}");

@@ -492,6 +492,50 @@ fn command_mode_forwards_signals_to_the_command() {
     }
 }
 
+#[test]
+fn command_ignoring_a_stop_signal_is_killed_after_stop_grace() {
+    let Some(_g) = ready() else { return };
+    let root = Rootfs::new();
+    // Every stop signal, forwarded (TERM, INT) or turned into the stop sequence (PWR,
+    // RTMIN+3), ends in SIGKILL after HAKIM_STOP_GRACE: exit 128+9, with a log line.
+    let script = "trap 'echo got-TERM' TERM; trap 'echo got-INT' INT; echo ready; \
+                  while :; do sleep 1; done";
+    for (sig, seen) in [
+        (SIGTERM, "got-TERM"),
+        (SIGINT, "got-INT"),
+        (SIGPWR, "got-TERM"),
+        (SIGRTMIN_3, "got-TERM"),
+    ] {
+        let mut init = Init::start(
+            &root,
+            &[("HAKIM_STOP_GRACE", "2")],
+            Some(&["sh", "-c", script]),
+        );
+        init.wait_line("ready", Duration::from_secs(10));
+        let sent = Instant::now();
+        assert!(init.signal(sig));
+        let st = init.wait_exit(Duration::from_secs(15));
+        let took = secs(sent.elapsed());
+        let t = init.transcript();
+        println!("signal {sig} -> {st} after {took:.2} s");
+        assert_eq!(code(st), Some(137), "signal {sig}\n{t}");
+        assert!(
+            (1.9..5.0).contains(&took),
+            "signal {sig}: exited after {took:.2} s, grace 2 s\n{t}"
+        );
+        assert!(
+            init.find_line(|l| l.starts_with("hakim-init: sh did not stop within 2 s")
+                && l.ends_with("; killing it"))
+                .is_some(),
+            "signal {sig}: no kill line\n{t}"
+        );
+        assert!(
+            init.find_line(|l| l == seen).is_some(),
+            "signal {sig}: the command never saw it\n{t}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Clean signal state in children
 
