@@ -239,14 +239,8 @@ fn prepare_workspace(
     daemon: bool,
 ) -> Option<WorkspaceUser> {
     if is_pid1 {
-        let uid = env
-            .get("CODER_UID")
-            .and_then(|u| u.parse().ok())
-            .unwrap_or(1000u32);
-        let gid = env
-            .get("CODER_GID")
-            .and_then(|g| g.parse().ok())
-            .unwrap_or(uid);
+        // Invalid ids fall back to their defaults; prepare_user logs why.
+        let (uid, gid, _) = crate::agent::user_ids(env);
         for note in crate::mounts::ensure_mounts(sys, daemon.then_some((uid, gid))) {
             log(note);
         }

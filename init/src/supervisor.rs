@@ -31,16 +31,40 @@ pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// One log line, whatever the message holds: control characters (C0 such as newline,
+/// carriage return and ESC, DEL, C1) become `\n`, `\r`, `\t` or `\x1b`-style escapes, so
+/// a value from the environment can neither forge a line nor drive the terminal.
+pub fn escape_controls(msg: &str) -> std::borrow::Cow<'_, str> {
+    if !msg.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(msg);
+    }
+    let mut out = String::with_capacity(msg.len() + 8);
+    for c in msg.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn write_line(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "hakim-init: {}", escape_controls(msg));
+}
+
 /// Progress and state changes (suppressed when quiet).
 pub fn log(msg: impl AsRef<str>) {
     if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
-        let _ = writeln!(std::io::stderr(), "hakim-init: {}", msg.as_ref());
+        write_line(msg.as_ref());
     }
 }
 
 /// Problems: always logged.
 pub fn warn(msg: impl AsRef<str>) {
-    let _ = writeln!(std::io::stderr(), "hakim-init: {}", msg.as_ref());
+    write_line(msg.as_ref());
 }
 
 /// Exponential backoff (`base·2^attempt`, capped at `max`) with ±20 % jitter so
@@ -1034,6 +1058,18 @@ mod tests {
             );
         }
         assert!(backoff(30, base, max) <= max);
+    }
+
+    #[test]
+    fn log_lines_escape_control_characters() {
+        assert!(matches!(
+            escape_controls("plain é"),
+            std::borrow::Cow::Borrowed("plain é")
+        ));
+        assert_eq!(
+            escape_controls("a\nhakim-init: forged\r\t\u{1b}[31m\u{7f}\u{0}\u{9b}z"),
+            "a\\nhakim-init: forged\\r\\t\\x1b[31m\\x7f\\x00\\x9bz"
+        );
     }
 
     #[test]

@@ -1515,3 +1515,98 @@ fn token_file_readable_by_others_is_warned_and_used() {
     assert_eq!(start["argv"][1], "agent");
     stop_cleanly(&mut init);
 }
+
+#[test]
+fn invalid_user_settings_are_refused_or_fall_back_whole_and_logged_on_one_line() {
+    let Some(_g) = ready() else { return };
+    // An unusable name: one line, nothing created, no agent; a newline in a variable's name
+    // (logged in the list of names) cannot forge a line.
+    let root = Rootfs::new();
+    let mut init = Init::start(
+        &root,
+        &[
+            ("CODER_USER", "a:0:0::/:/bin/sh"),
+            ("X\nhakim-init: forged", "1"),
+        ],
+        None,
+    );
+    let line = init.wait_line("CODER_USER=", Duration::from_secs(10));
+    assert!(
+        line.text.contains("is not a portable user name"),
+        "{}",
+        line.text
+    );
+    let passwd = root.read("/etc/passwd").unwrap();
+    assert_eq!(passwd, "root:x:0:0:root:/root:/bin/sh\n");
+    let homes: Vec<_> = std::fs::read_dir(root.path("/home"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(homes.is_empty(), "{homes:?}");
+    stop_cleanly(&mut init);
+    let t = init.transcript();
+    assert!(
+        init.find_line(|l| l.starts_with("hakim-init: forged"))
+            .is_none(),
+        "a variable name forged a log line\n{t}"
+    );
+    assert!(
+        init.find_line(|l| l.contains("X\\nhakim-init: forged"))
+            .is_some(),
+        "{t}"
+    );
+
+    // Invalid ids and home: documented defaults, one line each; `/` never reaches passwd.
+    let root = Rootfs::new();
+    let mut init = Init::start(
+        &root,
+        &[
+            ("CODER_USER", "dev"),
+            ("CODER_UID", "-1"),
+            ("CODER_GID", "99999999999"),
+            ("CODER_HOME", "/"),
+        ],
+        None,
+    );
+    init.wait_line("CODER_HOME=", Duration::from_secs(10));
+    let t = init.transcript();
+    for want in [
+        "hakim-init: CODER_UID=\"-1\" is not an id",
+        "hakim-init: CODER_GID=\"99999999999\" is not an id",
+        "hakim-init: CODER_HOME=\"/\" is not an absolute normalised directory",
+    ] {
+        assert!(
+            init.find_line(|l| l.starts_with(want)).is_some(),
+            "{want}\n{t}"
+        );
+    }
+    let passwd = root
+        .wait_file("/etc/passwd", Duration::from_secs(5), |p| {
+            p.contains("dev:")
+        })
+        .unwrap_or_default();
+    assert!(
+        passwd.lines().any(|l| l.starts_with("dev:")
+            && l.contains(":1000:1000:")
+            && l.contains(":/home/dev:")),
+        "{passwd}\n{t}"
+    );
+    assert!(root.path("/home/dev/project").is_dir(), "{t}");
+    stop_cleanly(&mut init);
+}
+
+#[test]
+fn double_dash_without_a_command_is_a_usage_error() {
+    let Some(_g) = ready() else { return };
+    let root = Rootfs::new();
+    let mut init = Init::start(&root, &[], Some(&[]));
+    let st = init.wait_exit(Duration::from_secs(10));
+    let t = init.transcript();
+    assert_eq!(code(st), Some(2), "{t}");
+    assert!(
+        init.find_line(|l| l == "hakim-init: -- needs a command")
+            .is_some(),
+        "{t}"
+    );
+}
