@@ -1610,3 +1610,66 @@ fn double_dash_without_a_command_is_a_usage_error() {
         "{t}"
     );
 }
+
+#[test]
+fn token_is_in_no_environment_but_the_agents_in_daemon_mode() {
+    let Some(_g) = ready() else { return };
+    let server = Server::start(Vec::new(), fake_coder_reply());
+    let root = Rootfs::new();
+    // A long-lived service with a child, and a double-forked stray re-parented to PID 1.
+    root.service(
+        "longlived",
+        &toml_command(&["sh", "-c", "sleep 3000 & wait"]),
+    );
+    root.service(
+        "spawner",
+        &(toml_command(&["sh", "-c", "(sleep 4000 &) ; exit 0"]) + "restart = \"never\"\n"),
+    );
+    let env = agent_env(&server.url());
+    let mut init = Init::start(&root, &borrow(&env), None);
+    let start = wait_starts(&root, &init, 1, Duration::from_secs(20))
+        .pop()
+        .unwrap();
+    let agent_ns_pid = start["pid"].as_i64().unwrap() as i32;
+    for want in ["sleep 3000", "sleep 4000"] {
+        init.wait_proc(Duration::from_secs(5), |p| p.cmd() == want);
+    }
+    let t = init.transcript();
+    let mut checked = Vec::new();
+    let mut agent_seen = false;
+    for p in init.procs() {
+        if p.pid == init.pid1() {
+            // The runtime handed PID 1 the token; /proc/1/environ is root's to read only.
+            continue;
+        }
+        let env = environ(p.pid).unwrap_or_default();
+        let cmdline = p.cmdline.join("\0").into_bytes();
+        let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+        if p.ns_pid == agent_ns_pid {
+            assert!(
+                has(&env, TOKEN.as_bytes()),
+                "the agent lacks the token\n{t}"
+            );
+            agent_seen = true;
+            continue;
+        }
+        for (what, hay) in [("environment", &env), ("command line", &cmdline)] {
+            assert!(
+                !has(hay, TOKEN.as_bytes()) && !has(hay, b"CODER_AGENT_TOKEN"),
+                "{} (ns pid {}) has the token in its {what}\n{t}",
+                p.cmd(),
+                p.ns_pid
+            );
+        }
+        checked.push(p.cmd());
+    }
+    println!("token absent from: {checked:?}");
+    assert!(agent_seen, "the agent was not among the processes\n{t}");
+    for want in ["sh -c sleep 3000 & wait", "sleep 3000", "sleep 4000"] {
+        assert!(
+            checked.iter().any(|c| c == want),
+            "{want} not checked: {checked:?}"
+        );
+    }
+    stop_cleanly(&mut init);
+}
