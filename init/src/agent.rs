@@ -35,7 +35,9 @@ pub struct UserSettings {
     pub uid: u32,
     pub gid: u32,
     pub home: PathBuf,
-    pub project_dir: PathBuf,
+    /// `None`: `project` in the home the user turns out to have (an existing user keeps
+    /// its own).
+    pub project_dir: Option<PathBuf>,
 }
 
 /// Default `CODER_UID` (and, through it, `CODER_GID`).
@@ -113,17 +115,16 @@ pub fn user_settings(env: &Env) -> Result<(UserSettings, Vec<String>), String> {
         }
         None => default_home,
     };
-    let default_project = format!("{home}/project");
     let project_dir = match set("CODER_PROJECT_DIR") {
-        Some(p) if valid_dir(&p) => p,
+        Some(p) if valid_dir(&p) => Some(p.into()),
         Some(p) => {
             notes.push(format!(
                 "CODER_PROJECT_DIR={p:?} is not an absolute normalised directory other than /; \
-                 using {default_project}"
+                 using $HOME/project"
             ));
-            default_project
+            None
         }
-        None => default_project,
+        None => None,
     };
     Ok((
         UserSettings {
@@ -131,7 +132,7 @@ pub fn user_settings(env: &Env) -> Result<(UserSettings, Vec<String>), String> {
             uid,
             gid,
             home: home.into(),
-            project_dir: project_dir.into(),
+            project_dir,
         },
         notes,
     ))
@@ -183,14 +184,7 @@ pub fn prepare_user(env: &Env) -> Option<WorkspaceUser> {
             (uid, gid, home, "/bin/sh".to_string())
         }
     };
-    // An existing user keeps its home: the default project dir follows it.
-    let project_dir = if env.get("CODER_PROJECT_DIR").is_some_and(|p| !p.is_empty())
-        && asked_project_dir.to_str().is_some_and(valid_dir)
-    {
-        asked_project_dir
-    } else {
-        home.join("project")
-    };
+    let project_dir = asked_project_dir.unwrap_or_else(|| home.join("project"));
     match home::prepare_home(root, &home, uid, gid, Path::new("/etc/skel")) {
         Ok(o) => {
             if o.changed() {
@@ -407,7 +401,7 @@ mod tests {
                 uid: 1000,
                 gid: 1000,
                 home: "/home/coder".into(),
-                project_dir: "/home/coder/project".into(),
+                project_dir: None,
             }
         );
         assert!(notes.is_empty());
@@ -420,7 +414,7 @@ mod tests {
         ]);
         assert_eq!((s.name.as_str(), s.uid, s.gid), ("dev_1", 4242, 0));
         assert_eq!(s.home, PathBuf::from("/srv/dev"));
-        assert_eq!(s.project_dir, PathBuf::from("/work"));
+        assert_eq!(s.project_dir, Some(PathBuf::from("/work")));
         assert!(notes.is_empty(), "{notes:?}");
         // Empty counts as unset.
         let (s, notes) = settings(&[("CODER_USER", ""), ("CODER_UID", ""), ("CODER_HOME", "")]);
@@ -476,12 +470,13 @@ mod tests {
         ] {
             let (s, notes) = settings(&[("CODER_USER", "dev"), ("CODER_HOME", bad)]);
             assert_eq!(s.home, PathBuf::from("/home/dev"), "{bad:?}");
-            assert_eq!(s.project_dir, PathBuf::from("/home/dev/project"));
+            assert_eq!(s.project_dir, None);
             assert_eq!(notes.len(), 1, "{bad:?}: {notes:?}");
             assert!(notes[0].ends_with("using /home/dev"), "{notes:?}");
             let (s, notes) = settings(&[("CODER_PROJECT_DIR", bad)]);
-            assert_eq!(s.project_dir, PathBuf::from("/home/coder/project"));
+            assert_eq!(s.project_dir, None);
             assert_eq!(notes.len(), 1, "{bad:?}: {notes:?}");
+            assert!(notes[0].ends_with("using $HOME/project"), "{notes:?}");
         }
     }
 }
