@@ -56,6 +56,7 @@ pub fn run(args: &[String]) -> i32 {
             return 0;
         }
         Some(a) if a.starts_with('-') => {
+            let a = crate::supervisor::escape_controls(a);
             eprintln!("hakim-init: unknown option {a}\n{USAGE}");
             return 2;
         }
