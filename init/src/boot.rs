@@ -41,6 +41,11 @@ pub fn run(args: &[String]) -> i32 {
 
     let command: Vec<String> = match args.first().map(String::as_str) {
         None => Vec::new(),
+        // `--` promises a command: without one it is a usage error, never daemon mode.
+        Some("--") if args.len() == 1 => {
+            eprintln!("hakim-init: -- needs a command\n{USAGE}");
+            return 2;
+        }
         Some("--") => args[1..].to_vec(),
         Some("-h" | "--help") => {
             println!("{USAGE}");
@@ -51,6 +56,7 @@ pub fn run(args: &[String]) -> i32 {
             return 0;
         }
         Some(a) if a.starts_with('-') => {
+            let a = crate::supervisor::escape_controls(a);
             eprintln!("hakim-init: unknown option {a}\n{USAGE}");
             return 2;
         }
@@ -234,14 +240,8 @@ fn prepare_workspace(
     daemon: bool,
 ) -> Option<WorkspaceUser> {
     if is_pid1 {
-        let uid = env
-            .get("CODER_UID")
-            .and_then(|u| u.parse().ok())
-            .unwrap_or(1000u32);
-        let gid = env
-            .get("CODER_GID")
-            .and_then(|g| g.parse().ok())
-            .unwrap_or(uid);
+        // Invalid ids fall back to their defaults; prepare_user logs why.
+        let (uid, gid, _) = crate::agent::user_ids(env);
         for note in crate::mounts::ensure_mounts(sys, daemon.then_some((uid, gid))) {
             log(note);
         }

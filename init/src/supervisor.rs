@@ -31,16 +31,40 @@ pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// One log line, whatever the message holds: control characters (C0 such as newline,
+/// carriage return and ESC, DEL, C1) become `\n`, `\r`, `\t` or `\x1b`-style escapes, so
+/// a value from the environment can neither forge a line nor drive the terminal.
+pub fn escape_controls(msg: &str) -> std::borrow::Cow<'_, str> {
+    if !msg.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(msg);
+    }
+    let mut out = String::with_capacity(msg.len() + 8);
+    for c in msg.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn write_line(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "hakim-init: {}", escape_controls(msg));
+}
+
 /// Progress and state changes (suppressed when quiet).
 pub fn log(msg: impl AsRef<str>) {
     if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
-        let _ = writeln!(std::io::stderr(), "hakim-init: {}", msg.as_ref());
+        write_line(msg.as_ref());
     }
 }
 
 /// Problems: always logged.
 pub fn warn(msg: impl AsRef<str>) {
-    let _ = writeln!(std::io::stderr(), "hakim-init: {}", msg.as_ref());
+    write_line(msg.as_ref());
 }
 
 /// Exponential backoff (`base·2^attempt`, capped at `max`) with ±20 % jitter so
@@ -164,6 +188,9 @@ pub struct Supervisor {
     next_agent_check: Instant,
     /// How often an unusable agent configuration is looked at again.
     pub agent_recheck: Duration,
+    /// Command mode: a stop signal was forwarded to the command; when it is still
+    /// running at this instant it is killed (the signal's number, for the log line).
+    main_deadline: Option<(Instant, i32)>,
 }
 
 impl Supervisor {
@@ -182,6 +209,7 @@ impl Supervisor {
             agent_source: None,
             next_agent_check: Instant::now(),
             agent_recheck: Duration::from_secs(60),
+            main_deadline: None,
         }
     }
 
@@ -316,10 +344,27 @@ impl Supervisor {
                 ]
                 .contains(&sig) =>
             {
-                if let Some(pid) = self.main.and_then(|m| self.units[m].pid) {
-                    let _ = kill(pid, Signal::try_from(sig).ok());
+                if let Some(m) = self.main {
+                    if let Some(pid) = self.units[m].pid {
+                        let _ = kill(pid, Signal::try_from(sig).ok());
+                        // SIGTERM (docker stop, PVE application containers) and SIGINT
+                        // (Ctrl-C, lxc-stop -r) are stop requests: the command may handle
+                        // them as it likes, but within its grace (HAKIM_STOP_GRACE), as
+                        // tini's caller (docker) would enforce; then SIGKILL. The first
+                        // request starts the clock; repeats do not extend it. The others
+                        // (HUP, QUIT, USR1/2, WINCH) ask for no stop: no deadline.
+                        if matches!(sig, libc::SIGTERM | libc::SIGINT)
+                            && self.main_deadline.is_none()
+                        {
+                            self.main_deadline =
+                                Some((Instant::now() + self.units[m].spec.stop_grace, sig));
+                        }
+                    }
                 }
             }
+            // SIGPWR and SIGRTMIN+3 (lxc-stop) are not forwarded in command mode: they
+            // start the stop sequence below, which sends the command its stop signal
+            // (SIGTERM) and SIGKILL after the same grace.
             // Halt: SIGTERM (Docker, PVE application containers), SIGPWR (lxc-stop's
             // default), SIGRTMIN+3 (lxc-stop when init blocks SIGPWR; systemd's halt).
             libc::SIGTERM | libc::SIGPWR | SIGRTMIN_3 => {
@@ -628,6 +673,7 @@ impl Supervisor {
             self.tick_stop(now);
             return;
         }
+        self.enforce_main_deadline(now);
         if self.agent.is_none() && now >= self.next_agent_check {
             if let Some(source) = &mut self.agent_source {
                 match source() {
@@ -658,6 +704,29 @@ impl Supervisor {
             if due {
                 self.start(i, now);
             }
+        }
+    }
+
+    /// Command mode: the command got a forwarded stop signal and outlived its grace.
+    fn enforce_main_deadline(&mut self, now: Instant) {
+        let (Some(m), Some((deadline, sig))) = (self.main, self.main_deadline) else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        self.main_deadline = None;
+        let u = &self.units[m];
+        if let Some(pid) = u.pid {
+            // A problem: logged even in quiet command mode.
+            warn(format!(
+                "{} did not stop within {} s of signal {sig}; killing it",
+                u.spec.name,
+                u.spec.stop_grace.as_secs_f64()
+            ));
+            // Its whole process group, as the stop sequence does: the command's own
+            // children must not outlive it. Its exit (128+9) then ends the container.
+            let _ = killpg(pid, Signal::SIGKILL);
         }
     }
 
@@ -722,10 +791,10 @@ impl Supervisor {
                 }
                 if now >= deadline && !killed {
                     let u = &self.units[i];
-                    log(format!(
+                    warn(format!(
                         "{} did not stop within {} s; killing it",
                         u.spec.name,
-                        u.spec.stop_grace.as_secs()
+                        u.spec.stop_grace.as_secs_f64()
                     ));
                     if let Some(pid) = u.pid {
                         let _ = killpg(pid, Signal::SIGKILL);
@@ -857,6 +926,9 @@ impl Supervisor {
                 }
             }
         }
+        if let Some((d, _)) = self.main_deadline {
+            consider(d);
+        }
         if let Some(st) = &self.stopping {
             if let Some((_, d, _)) = st.current {
                 consider(d);
@@ -986,6 +1058,18 @@ mod tests {
             );
         }
         assert!(backoff(30, base, max) <= max);
+    }
+
+    #[test]
+    fn log_lines_escape_control_characters() {
+        assert!(matches!(
+            escape_controls("plain é"),
+            std::borrow::Cow::Borrowed("plain é")
+        ));
+        assert_eq!(
+            escape_controls("a\nhakim-init: forged\r\t\u{1b}[31m\u{7f}\u{0}\u{9b}z"),
+            "a\\nhakim-init: forged\\r\\t\\x1b[31m\\x7f\\x00\\x9bz"
+        );
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub const DEFAULT_SHELLS: [&str; 2] = ["/bin/bash", "/bin/sh"];
 const FALLBACK_SHELL: &str = "/bin/sh";
 
 /// Longest user or group name accepted (the shadow-utils default).
-const MAX_NAME_LEN: usize = 32;
+pub const MAX_NAME_LEN: usize = 32;
 
 /// The account we want.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -422,7 +422,7 @@ fn member_groups(group_file: &[u8], user: &str) -> Vec<String> {
 /// Portable user/group names: a letter or `_`, then letters, digits, `.`,
 /// `_`, `-`. Anything else could break the colon/comma syntax or be taken
 /// for a uid.
-fn valid_name(name: &str) -> bool {
+pub fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     bytes.len() <= MAX_NAME_LEN
         && bytes

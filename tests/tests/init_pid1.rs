@@ -492,6 +492,50 @@ fn command_mode_forwards_signals_to_the_command() {
     }
 }
 
+#[test]
+fn command_ignoring_a_stop_signal_is_killed_after_stop_grace() {
+    let Some(_g) = ready() else { return };
+    let root = Rootfs::new();
+    // Every stop signal, forwarded (TERM, INT) or turned into the stop sequence (PWR,
+    // RTMIN+3), ends in SIGKILL after HAKIM_STOP_GRACE: exit 128+9, with a log line.
+    let script = "trap 'echo got-TERM' TERM; trap 'echo got-INT' INT; echo ready; \
+                  while :; do sleep 1; done";
+    for (sig, seen) in [
+        (SIGTERM, "got-TERM"),
+        (SIGINT, "got-INT"),
+        (SIGPWR, "got-TERM"),
+        (SIGRTMIN_3, "got-TERM"),
+    ] {
+        let mut init = Init::start(
+            &root,
+            &[("HAKIM_STOP_GRACE", "2")],
+            Some(&["sh", "-c", script]),
+        );
+        init.wait_line("ready", Duration::from_secs(10));
+        let sent = Instant::now();
+        assert!(init.signal(sig));
+        let st = init.wait_exit(Duration::from_secs(15));
+        let took = secs(sent.elapsed());
+        let t = init.transcript();
+        println!("signal {sig} -> {st} after {took:.2} s");
+        assert_eq!(code(st), Some(137), "signal {sig}\n{t}");
+        assert!(
+            (1.9..5.0).contains(&took),
+            "signal {sig}: exited after {took:.2} s, grace 2 s\n{t}"
+        );
+        assert!(
+            init.find_line(|l| l.starts_with("hakim-init: sh did not stop within 2 s")
+                && l.ends_with("; killing it"))
+                .is_some(),
+            "signal {sig}: no kill line\n{t}"
+        );
+        assert!(
+            init.find_line(|l| l == seen).is_some(),
+            "signal {sig}: the command never saw it\n{t}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Clean signal state in children
 
@@ -1469,5 +1513,163 @@ fn token_file_readable_by_others_is_warned_and_used() {
         .pop()
         .unwrap();
     assert_eq!(start["argv"][1], "agent");
+    stop_cleanly(&mut init);
+}
+
+#[test]
+fn invalid_user_settings_are_refused_or_fall_back_whole_and_logged_on_one_line() {
+    let Some(_g) = ready() else { return };
+    // An unusable name: one line, nothing created, no agent; a newline in a variable's name
+    // (logged in the list of names) cannot forge a line.
+    let root = Rootfs::new();
+    let mut init = Init::start(
+        &root,
+        &[
+            ("CODER_USER", "a:0:0::/:/bin/sh"),
+            ("X\nhakim-init: forged", "1"),
+        ],
+        None,
+    );
+    let line = init.wait_line("CODER_USER=", Duration::from_secs(10));
+    assert!(
+        line.text.contains("is not a portable user name"),
+        "{}",
+        line.text
+    );
+    let passwd = root.read("/etc/passwd").unwrap();
+    assert_eq!(passwd, "root:x:0:0:root:/root:/bin/sh\n");
+    let homes: Vec<_> = std::fs::read_dir(root.path("/home"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(homes.is_empty(), "{homes:?}");
+    stop_cleanly(&mut init);
+    let t = init.transcript();
+    assert!(
+        init.find_line(|l| l.starts_with("hakim-init: forged"))
+            .is_none(),
+        "a variable name forged a log line\n{t}"
+    );
+    assert!(
+        init.find_line(|l| l.contains("X\\nhakim-init: forged"))
+            .is_some(),
+        "{t}"
+    );
+
+    // Invalid ids and home: documented defaults, one line each; `/` never reaches passwd.
+    let root = Rootfs::new();
+    let mut init = Init::start(
+        &root,
+        &[
+            ("CODER_USER", "dev"),
+            ("CODER_UID", "-1"),
+            ("CODER_GID", "99999999999"),
+            ("CODER_HOME", "/"),
+        ],
+        None,
+    );
+    init.wait_line("CODER_HOME=", Duration::from_secs(10));
+    let t = init.transcript();
+    for want in [
+        "hakim-init: CODER_UID=\"-1\" is not an id",
+        "hakim-init: CODER_GID=\"99999999999\" is not an id",
+        "hakim-init: CODER_HOME=\"/\" is not an absolute normalised directory",
+    ] {
+        assert!(
+            init.find_line(|l| l.starts_with(want)).is_some(),
+            "{want}\n{t}"
+        );
+    }
+    let passwd = root
+        .wait_file("/etc/passwd", Duration::from_secs(5), |p| {
+            p.contains("dev:")
+        })
+        .unwrap_or_default();
+    assert!(
+        passwd.lines().any(|l| l.starts_with("dev:")
+            && l.contains(":1000:1000:")
+            && l.contains(":/home/dev:")),
+        "{passwd}\n{t}"
+    );
+    assert!(root.path("/home/dev/project").is_dir(), "{t}");
+    stop_cleanly(&mut init);
+}
+
+#[test]
+fn double_dash_without_a_command_is_a_usage_error() {
+    let Some(_g) = ready() else { return };
+    let root = Rootfs::new();
+    let mut init = Init::start(&root, &[], Some(&[]));
+    let st = init.wait_exit(Duration::from_secs(10));
+    let t = init.transcript();
+    assert_eq!(code(st), Some(2), "{t}");
+    assert!(
+        init.find_line(|l| l == "hakim-init: -- needs a command")
+            .is_some(),
+        "{t}"
+    );
+}
+
+#[test]
+fn token_is_in_no_environment_but_the_agents_in_daemon_mode() {
+    let Some(_g) = ready() else { return };
+    let server = Server::start(Vec::new(), fake_coder_reply());
+    let root = Rootfs::new();
+    // A long-lived service with a child, and a double-forked stray re-parented to PID 1.
+    root.service(
+        "longlived",
+        &toml_command(&["sh", "-c", "sleep 3000 & wait"]),
+    );
+    root.service(
+        "spawner",
+        &(toml_command(&["sh", "-c", "(sleep 4000 &) ; exit 0"]) + "restart = \"never\"\n"),
+    );
+    let env = agent_env(&server.url());
+    let mut init = Init::start(&root, &borrow(&env), None);
+    let start = wait_starts(&root, &init, 1, Duration::from_secs(20))
+        .pop()
+        .unwrap();
+    let agent_ns_pid = start["pid"].as_i64().unwrap() as i32;
+    for want in ["sleep 3000", "sleep 4000"] {
+        init.wait_proc(Duration::from_secs(5), |p| p.cmd() == want);
+    }
+    let t = init.transcript();
+    let mut checked = Vec::new();
+    let mut agent_seen = false;
+    for p in init.procs() {
+        if p.pid == init.pid1() {
+            // The runtime handed PID 1 the token; /proc/1/environ is root's to read only.
+            continue;
+        }
+        let env = environ(p.pid).unwrap_or_default();
+        let cmdline = p.cmdline.join("\0").into_bytes();
+        let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+        if p.ns_pid == agent_ns_pid {
+            assert!(
+                has(&env, TOKEN.as_bytes()),
+                "the agent lacks the token\n{t}"
+            );
+            agent_seen = true;
+            continue;
+        }
+        for (what, hay) in [("environment", &env), ("command line", &cmdline)] {
+            assert!(
+                !has(hay, TOKEN.as_bytes()) && !has(hay, b"CODER_AGENT_TOKEN"),
+                "{} (ns pid {}) has the token in its {what}\n{t}",
+                p.cmd(),
+                p.ns_pid
+            );
+        }
+        checked.push(p.cmd());
+    }
+    println!("token absent from: {checked:?}");
+    assert!(agent_seen, "the agent was not among the processes\n{t}");
+    for want in ["sh -c sleep 3000 & wait", "sleep 3000", "sleep 4000"] {
+        assert!(
+            checked.iter().any(|c| c == want),
+            "{want} not checked: {checked:?}"
+        );
+    }
     stop_cleanly(&mut init);
 }
