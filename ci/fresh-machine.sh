@@ -84,13 +84,25 @@ in_root() {
   env -i "${env[@]}" chroot "$root" /bin/bash -euo pipefail -c "cd /src/hakim-tools; $1"
 }
 
+# CPU seconds (user + system) of this shell's finished children between two
+# outputs of `times` (its second line; run in this shell: a subshell's
+# children are its own): on a shared machine steadier than the wall time.
+cpu_between() { # BEFORE AFTER
+  awk 'function s(t) { split(t, a, "m"); return a[1] * 60 + a[2] }
+    FNR == 2 { c[FILENAME] = s($1) + s($2) }
+    END { printf "%.1f", c[ARGV[2]] - c[ARGV[1]] }' "$1" "$2"
+}
+
 phase() { # NAME CMD…
   local name=$1 t0 status=ok
   shift
   log "== $name"
   t0=$(now)
+  times >"$base/times.$name.0"
   "$@" || status=FAILED
-  printf '%s %s %s\n' "$name" "$status" "$(since "$t0")" >>"$base/summary"
+  times >"$base/times.$name.1"
+  printf '%s %s %s %s\n' "$name" "$status" "$(since "$t0")" \
+    "$(cpu_between "$base/times.$name.0" "$base/times.$name.1")" >>"$base/summary"
   log "== $name: $status ($(since "$t0") s)"
   [ "$status" = ok ]
 }
@@ -135,7 +147,7 @@ inside() { # BASE KEEP_GOING RUSTUP_HOME
   # Not under phase(): errexit must stop it at the first failed mount.
   t0=$(now)
   mount_root
-  printf 'mounts ok %s\n' "$(since "$t0")" >>"$base/summary"
+  printf 'mounts ok %s -\n' "$(since "$t0")" >>"$base/summary"
   if [ -f "$root/usr/local/share/ca-certificates/host-trust.crt" ]; then
     phase trust in_root 'update-ca-certificates >/dev/null 2>&1' || return 1
   fi
@@ -143,7 +155,7 @@ inside() { # BASE KEEP_GOING RUSTUP_HOME
   # Every target the project ships, both binaries natively, each binary once.
   for b in release:build_release native:build_native run:run_binaries; do
     if [ -n "$failed" ] && [ -z "$keep_going" ]; then
-      printf '%s skipped 0\n' "${b%%:*}" >>"$base/summary"
+      printf '%s skipped - -\n' "${b%%:*}" >>"$base/summary"
       continue
     fi
     phase "${b%%:*}" "${b#*:}" || failed=1
@@ -246,7 +258,7 @@ trap 'exit 143' TERM
 summary=$base/summary
 : >"$summary"
 step() { # NAME STATUS T0
-  printf '%s %s %s\n' "$1" "$2" "$(since "$3")" >>"$summary"
+  printf '%s %s %s -\n' "$1" "$2" "$(since "$3")" >>"$summary"
 }
 
 # Root: from the cache, or debootstrap (then cached).
@@ -322,9 +334,11 @@ wait "$ns_pid" || rc=$?
 ns_pid=
 
 log "summary (revision $(git rev-parse --short "$sha"), $(date -u '+%Y-%m-%d %H:%M:%S UTC')):"
-while read -r name status seconds; do
-  printf '  %-16s %-8s %7s s\n' "$name" "$status" "$seconds" >&2
+printf '  %-16s %-8s %9s %9s\n' phase status "wall (s)" "CPU (s)" >&2
+while read -r name status seconds cpu_s; do
+  printf '  %-16s %-8s %9s %9s\n' "$name" "$status" "$seconds" "$cpu_s" >&2
 done <"$summary"
-printf '  %-16s %-8s %7s s\n' total "$([ "$rc" -eq 0 ] && echo ok || echo FAILED)" "$(since "$t_start")" >&2
+printf '  %-16s %-8s %9s %9s\n' total "$([ "$rc" -eq 0 ] && echo ok || echo FAILED)" "$(since "$t_start")" \
+  "$(awk '$4 != "-" { s += $4 } END { printf "%.1f", s }' "$summary")" >&2
 log "load: $(uptime)"
 exit "$rc"
