@@ -231,8 +231,9 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   if [ -n "$ns_pid" ]; then
-    # --kill-child: the namespace's first process, hence all of it, dies too.
-    kill "$ns_pid" 2>/dev/null || true
+    # unshare ignores SIGINT and SIGTERM while it waits: SIGKILL. Then
+    # --kill-child kills the namespace's first process, hence all of it.
+    kill -KILL "$ns_pid" 2>/dev/null || true
     wait "$ns_pid" 2>/dev/null || true
   fi
   # The namespace's mounts never reach this one; check anyway, never remove
