@@ -71,7 +71,7 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 # ------------------------------------------------------------------ inside ----
 # In the private mount + PID namespace (unshare, below): mounts, then each
-# phase in the root. Phases append "NAME STATUS SECONDS" to BASE/summary.
+# phase in the root. Phases append "NAME STATUS WALL CPU" to BASE/summary.
 in_root() {
   local env=(HOME=/root USER=root LOGNAME=root TERM=dumb LANG=C.UTF-8
     PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -135,7 +135,7 @@ build_release() { in_root 'ci/release-binaries.sh /root/dist'; }
 build_native() { in_root 'cargo build --locked --quiet -p hakim-convert -p hakim-init'; }
 run_binaries() {
   # shellcheck disable=SC2016 # expanded in the root
-  in_root 'for b in /root/dist/hakim-*-x86_64-linux-musl target/debug/hakim-convert; do "$b" --version; done
+  in_root 'for b in /root/dist/hakim-*-x86_64-linux-musl target/debug/hakim-convert target/debug/hakim-init; do "$b" --version; done
     qemu-aarch64-static /root/dist/hakim-init-aarch64-linux-musl --version'
 }
 
