@@ -49,7 +49,7 @@ packages=(
   skopeo umoci buildah debootstrap tar xz-utils zstd attr libcap2-bin file jq
   gcc libc6-dev musl-tools busybox-static lxc e2fsprogs docker-registry
   apache2-utils openssl qemu-user-static gcc-aarch64-linux-gnu
-  libc6-dev-arm64-cross binutils shellcheck uidmap time python3-venv
+  libc6-dev-arm64-cross binutils shellcheck uidmap time python3-venv curl
 )
 
 sudo=()
@@ -316,6 +316,9 @@ if prove "docker-registry serves /v2/ on 127.0.0.1" "$(pkg docker-registry)" sta
   prove "skopeo pushes to and reads from the registry" "$(pkg skopeo)" \
     sh -c 'skopeo copy --quiet --dest-tls-verify=false oci:layout:proof "docker://127.0.0.1:$0/proof:1" &&
       skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$0/proof:1"' "$port" || true
+  # curl: the Proxmox API script of docs/examples/coder-proxmox talks through it.
+  prove "curl reads the registry's /v2/" "$(pkg curl)" \
+    sh -c 'curl -fsS -o /dev/null "http://127.0.0.1:$0/v2/"' "$port" || true
   prove "docker-registry stops on SIGTERM" "$(pkg docker-registry)" stop_registry || true
 fi
 
