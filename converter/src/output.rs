@@ -529,6 +529,26 @@ mod tests {
     }
 
     #[test]
+    fn a_sums_file_that_cannot_be_written_keeps_the_artifact_out() {
+        // Either both the artifact and its line appear, or neither: here the
+        // new sums text cannot be prepared (its name is taken by a directory,
+        // as a full disk would fail its write), so the artifact stays out.
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(SUMS_FILE)).unwrap();
+        let pending = PendingFile::create(dir.path()).unwrap();
+        pending.file().write_all(b"artifact").unwrap();
+        let lock = DirLock::acquire(dir.path()).unwrap();
+        let err = format!("{:#}", lock.publish(pending, "a.tar", "ff").unwrap_err());
+        assert!(err.contains(SUMS_FILE), "the error names the file: {err}");
+        drop(lock);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [SUMS_FILE], "no artifact, no temporary file");
+    }
+
+    #[test]
     fn publish_puts_artifact_and_line_in_place_together() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(".sha256sums.lock"), "").unwrap();
