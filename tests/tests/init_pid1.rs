@@ -1285,6 +1285,8 @@ fn units_stop_in_reverse_start_order_agent_first() {
     for n in ["a", "b", "c"] {
         init.wait_line(&format!("[{n}] {n}-up"), Duration::from_secs(5));
     }
+    // The agent can record its start before init has logged spawning it.
+    init.wait_line("hakim-init: started agent", Duration::from_secs(5));
     let started: Vec<String> = init
         .lines()
         .iter()
