@@ -1594,7 +1594,13 @@ fn invalid_user_settings_are_refused_or_fall_back_whole_and_logged_on_one_line()
             && l.contains(":/home/dev:")),
         "{passwd}\n{t}"
     );
-    assert!(root.path("/home/dev/project").is_dir(), "{t}");
+    // The home is prepared after the account is written: wait for it.
+    init.wait_line("home /home/dev: prepared", Duration::from_secs(10));
+    assert!(
+        root.path("/home/dev/project").is_dir(),
+        "{}",
+        init.transcript()
+    );
     stop_cleanly(&mut init);
 }
 
