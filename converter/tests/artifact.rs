@@ -22,29 +22,6 @@ fn gz(l: L) -> SampleLayer {
 const CAP: &[u8] =
     b"\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
 
-/// Extracts like Proxmox does (`pct create` on a vztmpl).
-fn pve_extract(artifact: &Path, into: &Path) {
-    std::fs::create_dir_all(into).unwrap();
-    let st = Command::new("tar")
-        .arg("xpf")
-        .arg(artifact)
-        .arg("-C")
-        .arg(into)
-        .args([
-            "--numeric-owner",
-            "--xattrs",
-            "--xattrs-include=user.*",
-            "--xattrs-include=security.capability",
-            "--skip-old-files",
-            "--anchored",
-            "--exclude",
-            "./dev/*",
-        ])
-        .status()
-        .expect("GNU tar");
-    assert!(st.success(), "GNU tar failed on {}", artifact.display());
-}
-
 fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let out = Command::new("getfattr")
         .args(["--only-values", "-h", "-n", name])
@@ -82,7 +59,7 @@ fn long_and_non_utf8_names_survive_gnu_tar_byte_exact() {
     let f = Fixture::new(&[gz(layer)]);
     let s = f.convert().unwrap();
     let root = f.dir.path().join("root");
-    pve_extract(&s.artifact, &root);
+    common::pve_extract(&s.artifact, &root);
     assert_eq!(
         std::fs::read_to_string(root.join(&long_file)).unwrap(),
         "long"
@@ -158,7 +135,7 @@ fn only_xattrs_proxmox_keeps_reach_the_artifact() {
     }
     // And GNU tar restores them (as root; user.* needs a filesystem that has them).
     let root = f.dir.path().join("root");
-    pve_extract(&s.artifact, &root);
+    common::pve_extract(&s.artifact, &root);
     if let Some(cap) = getxattr(&root.join("usr/bin/ping"), "security.capability") {
         assert_eq!(cap, CAP);
     } else if std::env::var("HAKIM_E2E").as_deref() == Ok("1") {

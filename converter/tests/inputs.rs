@@ -152,34 +152,6 @@ fn pax_records_of(tar_path: &Path, name: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     panic!("no member {}", String::from_utf8_lossy(name));
 }
 
-/// Proxmox's extraction of a rootfs template, flags and all, into `into`.
-fn gnu_tar_extract_like_proxmox(artifact: &Path, into: &Path) {
-    std::fs::create_dir_all(into).unwrap();
-    let out = Command::new("tar")
-        .args([
-            "xpf",
-            "-",
-            "--numeric-owner",
-            "--acls",
-            "--xattrs",
-            "--xattrs-include=user.*",
-            "--xattrs-include=security.capability",
-            "--skip-old-files",
-            "--anchored",
-            "--exclude",
-            "./dev/*",
-        ])
-        .current_dir(into)
-        .stdin(std::fs::File::open(artifact).unwrap())
-        .output()
-        .expect("GNU tar is needed for this test");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Checks a restored sparse file: its size, its chunks, zeros around them,
 /// and that the holes stayed holes (few blocks allocated).
 fn assert_sparse_file(path: &Path, real_size: u64, chunks: &[(u64, Vec<u8>)]) {
@@ -269,7 +241,7 @@ fn gnu_sparse_files_stay_sparse_and_pax_sparse_is_refused() {
     assert_eq!(member.size(), REAL);
 
     let restored = dir.path().join("restored");
-    gnu_tar_extract_like_proxmox(&s.artifact, &restored);
+    common::pve_extract(&s.artifact, &restored);
     assert_sparse_file(&restored.join("sparse"), REAL, &chunks);
 
     let bytes = std::fs::read(&s.artifact).unwrap();

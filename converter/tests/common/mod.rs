@@ -118,6 +118,34 @@ pub fn assert_convert_matches_verify(s: &Summary) {
     }
 }
 
+/// Proxmox's extraction of a rootfs template, flags and all, into `into`.
+pub fn pve_extract(artifact: &Path, into: &Path) {
+    std::fs::create_dir_all(into).unwrap();
+    let out = std::process::Command::new("tar")
+        .args([
+            "xpf",
+            "-",
+            "--numeric-owner",
+            "--acls",
+            "--xattrs",
+            "--xattrs-include=user.*",
+            "--xattrs-include=security.capability",
+            "--skip-old-files",
+            "--anchored",
+            "--exclude",
+            "./dev/*",
+        ])
+        .current_dir(into)
+        .stdin(std::fs::File::open(artifact).unwrap())
+        .output()
+        .expect("GNU tar is needed for this test");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// One line per member: `NAME TYPE MODE UID:GID DETAIL`, in archive order.
 /// TYPE: d dir, f file (DETAIL = content), l symlink (DETAIL = -> target),
 /// h hardlink (DETAIL = => target), p fifo.
