@@ -13,6 +13,7 @@ pub mod batch;
 pub mod compress;
 pub mod convert;
 pub mod digest;
+pub mod fanout;
 pub mod flatten;
 pub mod inject;
 pub mod layer;
