@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 
 use crate::digest::{Digest, HashRead};
+use crate::gunzip::Gunzip;
 use crate::path::{RelPath, MAX_PATH_BYTES};
 use crate::tarstream::{parse_pax, SparseMap, Tap, TarStream};
 use crate::text::{printable, NAME_SHOWN};
@@ -84,7 +85,7 @@ type Compressed = BufReader<HashRead<Box<dyn Read + Send>>>;
 /// The decompressing stage of a layer stream; concrete so the raw stream can be recovered at the end
 /// and drained into the blob digest.
 pub enum Decoder {
-    Gzip(flate2::bufread::MultiGzDecoder<Compressed>),
+    Gzip(Gunzip<Compressed>),
     Zstd(zstd::stream::read::Decoder<'static, Compressed>),
     Xz(liblzma::bufread::XzDecoder<Compressed>),
     Plain(Compressed),
@@ -122,7 +123,9 @@ impl Decoder {
             .to_vec();
         let compression = Compression::sniff(&magic);
         let decoder = match compression {
-            Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(raw)),
+            Compression::Gzip => Decoder::Gzip(
+                Gunzip::new(raw).with_context(|| format!("{label}: cannot start gzip decoder"))?,
+            ),
             Compression::Zstd => Decoder::Zstd(
                 zstd::stream::read::Decoder::with_buffer(raw)
                     .with_context(|| format!("{label}: cannot start zstd decoder"))?,

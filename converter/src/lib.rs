@@ -15,6 +15,7 @@ pub mod convert;
 pub mod digest;
 pub mod fanout;
 pub mod flatten;
+pub mod gunzip;
 pub mod inject;
 pub mod layer;
 pub mod ociout;
