@@ -26,7 +26,7 @@ pub mod sample;
 pub mod source;
 pub mod tarout;
 pub mod tarstream;
-pub mod text;
+pub use hakim_netenv::text;
 pub mod tree;
 pub mod verify;
 pub mod whiteout;
