@@ -297,7 +297,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         cancel: opts.cancel.clone(),
         ..opts.registry.clone()
     };
-    let (mut image, registry_stats) =
+    let (mut image, downloads) =
         source::open_with(&opts.source, opts.platform.as_ref(), &registry)?;
     let source_layers = image.layers.len();
     cancelled(&opts.cancel)?;
@@ -325,6 +325,8 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         &mut on_layer,
     )?;
     let pass1_seconds = pass1_started.elapsed().as_secs_f64();
+    // Pass 1 opened every layer, so every download is over.
+    let registry_stats = downloads.as_ref().map(|d| d.finish()).transpose()?;
     spinner.finish_and_clear();
     cancelled(&opts.cancel)?;
 
