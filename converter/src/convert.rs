@@ -274,6 +274,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let _logs_suspend_spinner = crate::diag::register_bar(&spinner);
     let mut on_layer = |i: usize, n: usize| {
         spinner.set_message(format!("verifying and indexing layer {}/{n}", i + 1));
         spinner.tick();
@@ -397,6 +398,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let _logs_suspend_bar = crate::diag::register_bar(&bar);
 
     let pending = PendingFile::create(&opts.output_dir)?;
     let cancel = opts.cancel.clone();

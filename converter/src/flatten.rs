@@ -198,6 +198,7 @@ pub fn index_layer(index: &mut Index, image: &ResolvedImage, desc: &LayerDesc) -
     } = index;
     let mut rules = MemberRules::new(Stream::OciLayer(layer_rules.len() + 1));
     let label = desc.label();
+    let started = std::time::Instant::now();
     let blob = image.blobs.open_layer(desc)?;
     let mut members = Vec::new();
     let layer_index = desc.index as u32;
@@ -237,6 +238,7 @@ pub fn index_layer(index: &mut Index, image: &ResolvedImage, desc: &LayerDesc) -
         members.push((ordinal, member));
         Ok(())
     })?;
+    crate::diag::layer_pass(1, desc, st.compressed_bytes, started.elapsed());
     stats.push(st);
     layer_rules.push(rules);
 
@@ -529,9 +531,10 @@ pub fn emit<W: Write>(
             continue;
         }
         let label = desc.label();
+        let started = std::time::Instant::now();
         let blob = image.blobs.open_layer(desc)?;
         let mut ignored = Vec::new();
-        layer::read_layer(blob, desc, &mut ignored, |ordinal, entry, raw| {
+        let read = layer::read_layer(blob, desc, &mut ignored, |ordinal, entry, raw| {
             let here = Source {
                 layer: layer_index,
                 ordinal,
@@ -609,6 +612,7 @@ pub fn emit<W: Write>(
                 e.context(format!("{label}: second read"))
             }
         })?;
+        crate::diag::layer_pass(2, desc, read.compressed_bytes, started.elapsed());
     }
     if next != files.len() {
         return Err(anyhow!(

@@ -37,7 +37,11 @@ use super::reference::{is_loopback_host, Reference};
 use super::retry::{parse_retry_after, random_u64, RetryPolicy, RetryState};
 use super::transport::{is_certificate_error, Agents, ProxyEnv, TransportOptions};
 use super::RegistryOptions;
+use crate::diag::redact_url;
 use crate::digest::Digest;
+
+/// Target of the request and auth logs (`-v`).
+const LOG: &str = "hakim_convert::registry";
 
 pub type Response = ureq::http::Response<ureq::Body>;
 
@@ -121,6 +125,17 @@ pub enum Body<'a> {
         len: u64,
         open: &'a OpenBody<'a>,
     },
+}
+
+impl Body<'_> {
+    /// Bytes sent.
+    pub fn sent_bytes(&self) -> u64 {
+        match self {
+            Body::Empty => 0,
+            Body::Bytes(b) => b.len() as u64,
+            Body::Stream { len, .. } => *len,
+        }
+    }
 }
 
 /// Opens a [`Body::Stream`] from its start.
@@ -304,6 +319,12 @@ impl Client {
             Some((c, s)) => (Some(c), Some(s.to_string())),
             None => (None, None),
         };
+        tracing::debug!(
+            target: LOG,
+            registry = %reference.registry,
+            "credentials: {}",
+            credential_source.as_deref().unwrap_or("none (anonymous)")
+        );
         let agents = Agents::new(&TransportOptions {
             insecure: opts.insecure,
             ca_certs: opts.ca_certs.clone(),
@@ -481,7 +502,10 @@ impl Client {
                     .get(&key, Instant::now())
                     .map(str::to_string);
                 let token = match cached {
-                    Some(t) => t,
+                    Some(t) => {
+                        tracing::trace!(target: LOG, scope = %key.scope, "auth: cached token");
+                        t
+                    }
                     None => self.fetch_token(&key)?,
                 };
                 Ok(Some(format!("Bearer {token}")))
@@ -496,7 +520,25 @@ impl Client {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        let Some(challenge) = choose_challenge(values.iter().copied()) else {
+        let chosen = choose_challenge(values.iter().copied());
+        match &chosen {
+            Some(Challenge::Basic) => {
+                tracing::debug!(target: LOG, "auth: HTTP 401, Basic challenge")
+            }
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            }) => tracing::debug!(
+                target: LOG,
+                realm = %redact_url(realm),
+                service = service.as_deref().unwrap_or("-"),
+                scope = scope.as_deref().unwrap_or("-"),
+                "auth: HTTP 401, Bearer challenge"
+            ),
+            None => tracing::debug!(target: LOG, "auth: HTTP 401 without a usable challenge"),
+        }
+        let Some(challenge) = chosen else {
             return Err(Failure::Fatal(anyhow!(
                 "{}: HTTP 401 without a challenge we can answer (WWW-Authenticate: {})",
                 self.registry,
@@ -598,6 +640,12 @@ impl Client {
             Some(s) if basic.is_some() => format!("with the credentials from {s}"),
             _ => "anonymously".to_string(),
         };
+        tracing::debug!(
+            target: LOG,
+            realm = %redact_url(&key.realm),
+            scope = %key.scope,
+            "auth: token request {who}"
+        );
         let call = Call {
             method: &Method::GET,
             headers: &[],
@@ -631,6 +679,12 @@ impl Client {
             .map_err(|e| Failure::transient(format!("token response: {e}")))?;
         let token = parse_token_response(&body)
             .map_err(|e| Failure::Fatal(e.context(format!("{}: token realm", self.registry))))?;
+        tracing::debug!(
+            target: LOG,
+            scope = %key.scope,
+            lifetime_s = token.lifetime.as_secs(),
+            "auth: token received (value not logged)"
+        );
         let value = token.value.clone();
         self.tokens
             .lock()
@@ -803,8 +857,23 @@ impl Client {
                     req = req.header("Authorization", a);
                 }
             }
-            let resp = send_one(agent, req, body, method)?;
+            let sent_auth = same && auth.is_some();
+            let resp = send_one(agent, req, body, method).inspect_err(|e| {
+                if let SendError::Transport(e) = e {
+                    tracing::debug!(target: LOG, %method, url = %redact_url(&current), error = %e, "request failed");
+                }
+            })?;
             let status = resp.status().as_u16();
+            tracing::debug!(
+                target: LOG,
+                %method,
+                url = %redact_url(&current),
+                status,
+                bytes = header(&resp, "content-length").unwrap_or("-"),
+                sent = body.sent_bytes(),
+                authorization = sent_auth,
+                "request"
+            );
             if !matches!(status, 301 | 302 | 303 | 307 | 308) {
                 return Ok((
                     Answer {
@@ -833,6 +902,12 @@ impl Client {
                     printable(&next, 200)
                 ))
             })?;
+            tracing::debug!(
+                target: LOG,
+                to = %redact_url(&next),
+                same_origin = Origin::of(&next_uri).is_some_and(|o| o == home),
+                "redirect"
+            );
             if origin.https && next_uri.scheme_str() == Some("http") && !self.insecure {
                 return Err(fatal(anyhow!(
                     "refusing a redirect from HTTPS to plain HTTP ({})",
@@ -889,6 +964,8 @@ impl Client {
                     retry_after,
                 }) => match state.on_failure(retry_after, Instant::now(), random_u64()) {
                     Some(delay) => {
+                        let attempt = state.failures() + 1;
+                        crate::diag::retry(what, &message, delay, attempt, state.max_attempts());
                         self.notify(&format!(
                             "{what}: {message}; retrying in {:.1} s (attempt {}/{})",
                             delay.as_secs_f64(),
