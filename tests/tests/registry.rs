@@ -772,6 +772,101 @@ fn verbose_log_of_an_authenticated_pull_hides_the_secrets() {
     assert!(bad_log.contains("RUST_LOG"), "{bad_log}");
 }
 
+/// Docker credential helpers against the htpasswd registry, through a helper program written
+/// for the test (`docker-credential-hakimtest`, a shell script on `PATH`): `credHelpers` and
+/// `credsStore` log in with what it answers; "credentials not found" pulls anonymously (which
+/// this registry refuses); a failing helper is an error with its exit status and stderr, and
+/// never its stdout.
+#[test]
+fn docker_credential_helpers() {
+    if !conversion_ready(false) {
+        return;
+    }
+    let _guard = serial();
+    let work = scratch_dir("reg-work-");
+    let demo = demo_image(work.path());
+    let reg = Registry::start(Mode::HttpsBasic);
+    reg.push(&demo.oci_ref(), "e2e/demo:latest", &[]);
+
+    let bin = scratch_dir("helpers-");
+    let asked = bin.path().join("asked");
+    let script = format!(
+        r#"#!/bin/sh
+[ "$1" = get ] || exit 9
+read -r server
+printf '%s\n' "$server" >> '{asked}'
+case "$HAKIM_HELPER_MODE" in
+  ok) printf '{{"ServerURL":"%s","Username":"{USER}","Secret":"{PASSWORD}"}}' "$server" ;;
+  missing) echo 'credentials not found in native keychain'; exit 1 ;;
+  *) echo 'STDOUT-NEVER-SHOWN {PASSWORD}'; echo 'the keychain is locked' >&2; exit 4 ;;
+esac
+"#,
+        asked = asked.display()
+    );
+    let helper = bin.path().join("docker-credential-hakimtest");
+    std::fs::write(&helper, script).unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let docker_config = reg
+        .client_env()
+        .into_iter()
+        .find(|(k, _)| k == "DOCKER_CONFIG")
+        .map(|(_, v)| std::path::PathBuf::from(v))
+        .unwrap();
+    std::fs::create_dir_all(&docker_config).unwrap();
+    let host = reg.host();
+    let pull = |config: &str, mode: &str| {
+        std::fs::write(docker_config.join("config.json"), config).unwrap();
+        let _ = std::fs::remove_file(&asked);
+        let env = [("PATH", path.as_str()), ("HAKIM_HELPER_MODE", mode)];
+        let out = run_remote(&reg, "e2e/demo:latest", None, &[], &env);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let asked = std::fs::read_to_string(&asked).unwrap_or_default();
+        (out.status.success(), stderr, asked)
+    };
+    let per_registry = format!(r#"{{"credHelpers":{{"{host}":"hakimtest"}}}}"#);
+    let store = format!(r#"{{"auths":{{"{host}":{{}}}},"credsStore":"hakimtest"}}"#);
+
+    let (ok, stderr, asked_for) = pull(&per_registry, "ok");
+    assert!(ok, "credHelpers: the pull failed:\n{stderr}");
+    assert_eq!(
+        asked_for.trim(),
+        host,
+        "credHelpers: the helper was asked about another server"
+    );
+    let (ok, stderr, asked_for) = pull(&store, "ok");
+    assert!(ok, "credsStore: the pull failed:\n{stderr}");
+    assert_eq!(asked_for.trim(), host);
+
+    let (ok, stderr, asked_for) = pull(&store, "missing");
+    assert!(!ok && asked_for.trim() == host, "not found: {stderr}");
+    assert!(
+        stderr.contains("requires a login"),
+        "\"credentials not found\" must mean anonymous (refused by this registry):\n{stderr}"
+    );
+
+    let (ok, stderr, _) = pull(&per_registry, "broken");
+    assert!(!ok, "a failing helper must fail the run");
+    for expected in [
+        "docker-credential-hakimtest",
+        "exit status: 4",
+        "the keychain is locked",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "helper failure lacks {expected:?}:\n{stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains("STDOUT-NEVER-SHOWN") && !stderr.contains(PASSWORD),
+        "the helper's stdout reached the output:\n{stderr}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Manifest and layer formats
 // ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@
 pub mod auth;
 pub mod cache;
 pub mod client;
+pub mod credhelper;
 pub mod download;
 pub mod progress;
 pub mod push;
