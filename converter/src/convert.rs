@@ -306,6 +306,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let _logs_suspend_spinner = crate::diag::register_bar(&spinner);
     let mut on_layer = |i: usize, n: usize| {
         spinner.set_message(format!("verifying and indexing layer {}/{n}", i + 1));
         spinner.tick();
@@ -434,6 +435,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let _logs_suspend_bar = crate::diag::register_bar(&bar);
 
     let pending = PendingFile::create(&opts.output_dir)?;
     let cancel = opts.cancel.clone();

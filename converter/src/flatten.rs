@@ -268,6 +268,7 @@ fn read_members(
         Ok(())
     })?;
     stats.seconds = started.elapsed().as_secs_f64();
+    crate::diag::layer_pass(1, desc, stats.uncompressed_bytes, started.elapsed());
     Ok(LayerRead {
         stats,
         rules,
@@ -697,6 +698,7 @@ pub fn emit<W: Write>(
             inflated_bytes: reread.inflated_bytes,
             seconds: started.elapsed().as_secs_f64(),
         };
+        crate::diag::layer_pass(2, desc, reread.inflated_bytes, started.elapsed());
     }
     if next != files.len() {
         return Err(anyhow!(

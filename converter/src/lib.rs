@@ -12,6 +12,7 @@ pub mod acceptance;
 pub mod batch;
 pub mod compress;
 pub mod convert;
+pub mod diag;
 pub mod digest;
 pub mod fanout;
 pub mod flatten;

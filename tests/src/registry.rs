@@ -401,6 +401,8 @@ pub struct TokenRequest {
     pub status: u16,
     /// `(repository, actions)` granted in the token.
     pub granted: Vec<(String, Vec<String>)>,
+    /// The token issued (a test checks that no log shows it).
+    pub token: Option<String>,
 }
 
 /// The GHCR-style token endpoint (`GET /token`), on 127.0.0.1.
@@ -619,6 +621,7 @@ fn serve_token(mut conn: TcpStream, signer: &Signer, denied: &[String]) -> Optio
             .collect(),
         status: 0,
         granted: Vec::new(),
+        token: None,
     };
 
     let (status, body) = if method != "GET" || path != "/token" {
@@ -659,15 +662,15 @@ fn serve_token(mut conn: TcpStream, signer: &Signer, denied: &[String]) -> Optio
             req.granted.push((name.to_string(), granted));
         }
         match signer.jwt(req.user.as_deref(), &req.granted) {
-            Ok(jwt) => (
-                200,
+            Ok(jwt) => (200, {
+                req.token = Some(jwt.clone());
                 json!({
-                    "token": jwt,
-                    "access_token": jwt,
-                    "expires_in": 300,
-                    "issued_at": hakim_convert::ociout::rfc3339(unix_now()),
-                }),
-            ),
+                "token": jwt,
+                "access_token": jwt,
+                "expires_in": 300,
+                "issued_at": hakim_convert::ociout::rfc3339(unix_now()),
+                })
+            }),
             Err(e) => (500, json!({"errors": [{"code": "UNKNOWN", "message": e}]})),
         }
     };
