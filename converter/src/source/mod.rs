@@ -96,6 +96,12 @@ impl Platform {
 /// the start, so the flattener can read every layer twice.
 pub trait BlobStore: Send + Sync {
     fn open_layer(&self, layer: &LayerDesc) -> Result<Box<dyn Read + Send>>;
+
+    /// The blob's size as stored now, where that is cheap to learn (a file):
+    /// pass 2 compares it with the size pass 1 verified instead of hashing again.
+    fn blob_size(&self, _layer: &LayerDesc) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// A store with no blobs (a placeholder while another store is being wrapped).

@@ -174,6 +174,21 @@ impl BlobStore for CachedLayers {
         })?;
         Ok(Box::new(f))
     }
+
+    fn blob_size(&self, layer: &LayerDesc) -> Result<Option<u64>> {
+        let Some(digest) = &layer.digest else {
+            return Ok(None);
+        };
+        let path = self.cache.path(digest);
+        let meta = std::fs::metadata(&path).with_context(|| {
+            format!(
+                "{}: cannot open cached blob {}",
+                layer.label(),
+                path.display()
+            )
+        })?;
+        Ok(Some(meta.len()))
+    }
 }
 
 fn media_type_of(content_type: Option<&str>) -> Option<String> {
