@@ -318,19 +318,9 @@ pub fn fetch_agent(
 fn build_agent(url: &AccessUrl, opts: &FetchOptions) -> Result<ureq::Agent, FetchError> {
     let proxy = match proxy_for(&opts.proxy, url) {
         None => None,
-        Some((var, value)) => {
-            let scheme = value.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
-            if scheme.as_deref().is_some_and(|s| s.starts_with("socks")) {
-                return Err(FetchError::Proxy {
-                    var,
-                    reason: "SOCKS proxies are not supported, use an HTTP(S) proxy",
-                });
-            }
-            Some(ureq::Proxy::new(value).map_err(|_| FetchError::Proxy {
-                var,
-                reason: "not a valid proxy URL",
-            })?)
-        }
+        Some((var, value)) => Some(
+            hakim_netenv::http_proxy(value).map_err(|reason| FetchError::Proxy { var, reason })?,
+        ),
     };
     let roots =
         ca::root_certs(opts.system_ca.as_deref(), &opts.extra_ca).map_err(FetchError::CaBundle)?;

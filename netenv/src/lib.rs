@@ -1,5 +1,5 @@
 //! What hakim-convert and hakim-init share, so that neither keeps a copy: how a `no_proxy`
-//! list exempts a host and which proxy a URL takes (here), which CAs to trust ([`ca`]), how
+//! list exempts a host, which proxy a URL takes and whether ureq can use it (here), which CAs to trust ([`ca`]), how
 //! retries are spaced ([`backoff`]) and how untrusted text reaches a message ([`text`]).
 //! Small dependencies only (ureq, which both binaries use anyway, and fastrand), so the
 //! static init binary stays small.
@@ -92,6 +92,17 @@ fn cidr_contains(net: IpAddr, bits: u32, ip: IpAddr) -> bool {
     }
 }
 
+/// A proxy URL (from one of the variables) as ureq takes it. SOCKS proxies are refused (ureq
+/// would need a feature neither binary builds). The error never holds the value, which may
+/// carry credentials: the caller names the variable.
+pub fn http_proxy(value: &str) -> Result<ureq::Proxy, &'static str> {
+    let scheme = value.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if scheme.as_deref().is_some_and(|s| s.starts_with("socks")) {
+        return Err("SOCKS proxies are not supported, use an HTTP(S) proxy");
+    }
+    ureq::Proxy::new(value).map_err(|_| "not a valid proxy URL")
+}
+
 /// Proxy settings, as found in the environment. Lowercase names win over uppercase, as
 /// in curl; an empty value counts as unset. Values are never printed (they may hold
 /// credentials).
@@ -160,5 +171,13 @@ mod tests {
         assert!(!no_proxy_matches(l, "reg.example", 443));
         assert!(no_proxy_matches("*", "anything", 1));
         assert!(!no_proxy_matches("", "anything", 1));
+    }
+
+    #[test]
+    fn proxies_ureq_can_use() {
+        assert!(http_proxy("http://user:pw@proxy.example:3128").is_ok());
+        let e = http_proxy("socks5://user:secretpw@proxy:1080").unwrap_err();
+        assert!(e.contains("SOCKS") && !e.contains("secretpw"), "{e}");
+        assert_eq!(http_proxy("http://[bad"), Err("not a valid proxy URL"));
     }
 }

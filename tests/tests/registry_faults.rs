@@ -586,8 +586,11 @@ fn torn_log_lines(raw: &[u8]) -> Vec<String> {
             _ => false,
         };
         if !clean {
-            let from = start.saturating_sub(60);
-            torn.push(String::from_utf8_lossy(&raw[from..at + marker.len()]).into_owned());
+            let from = start.saturating_sub(200);
+            torn.push(format!(
+                "{:?}",
+                String::from_utf8_lossy(&raw[from..at + marker.len()])
+            ));
         }
     }
     torn

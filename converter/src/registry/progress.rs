@@ -156,9 +156,10 @@ impl Progress {
     pub fn summary(&self, line: &str) {
         match (&self.mode, &self.multi) {
             (ProgressMode::Quiet, _) => {}
-            (_, Some(m)) => {
-                let _ = m.println(line);
-            }
+            // Written with the bars suspended rather than through `println`, which
+            // leaves the cursor at the end of the line once no bar is left below it
+            // (the next line written, a `-v` log line, would be glued to it).
+            (_, Some(m)) => m.suspend(|| eprintln!("{line}")),
             _ => eprintln!("{line}"),
         }
     }

@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use super::reference::is_loopback_host;
 
@@ -69,14 +69,9 @@ impl Agents {
         };
         let proxy_agent = |var: &str, value: &Option<String>| -> Result<Option<ureq::Agent>> {
             let Some(v) = value else { return Ok(None) };
-            if v.split_once("://")
-                .is_some_and(|(s, _)| s.to_ascii_lowercase().starts_with("socks"))
-            {
-                bail!("{var}: SOCKS proxies are not supported; use an HTTP(S) proxy");
-            }
             // The value may hold credentials: the error names only the variable.
-            let p = ureq::Proxy::new(v)
-                .map_err(|_| anyhow::anyhow!("{var} is not a valid proxy URL"))?;
+            let p =
+                hakim_netenv::http_proxy(v).map_err(|reason| anyhow::anyhow!("{var}: {reason}"))?;
             Ok(Some(build(Some(p))))
         };
         let p = &opts.proxy;
