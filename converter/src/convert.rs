@@ -301,10 +301,11 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         source::open_with(&opts.source, opts.platform.as_ref(), &registry)?;
     let source_layers = image.layers.len();
     cancelled(&opts.cancel)?;
-    let spinner = if opts.progress {
-        indicatif::ProgressBar::new_spinner()
-    } else {
-        indicatif::ProgressBar::hidden()
+    let spinner = match (opts.progress, &downloads) {
+        // Layers still download during pass 1: one display for both.
+        (true, Some(d)) => d.join_display(indicatif::ProgressBar::new_spinner()),
+        (true, None) => indicatif::ProgressBar::new_spinner(),
+        (false, _) => indicatif::ProgressBar::hidden(),
     };
     let _logs_suspend_spinner = crate::diag::register_bar(&spinner);
     let mut on_layer = |i: usize, n: usize| {

@@ -66,6 +66,15 @@ impl Progress {
         }
     }
 
+    /// Shows `bar` among the download bars when there are any, so the two
+    /// displays do not draw over each other (and a log line suspends both).
+    pub fn join(&self, bar: ProgressBar) -> ProgressBar {
+        match &self.multi {
+            Some(m) => m.add(bar),
+            None => bar,
+        }
+    }
+
     /// A message for the user (retries, notes).
     pub fn note(&self, msg: &str) {
         match (&self.mode, &self.multi) {

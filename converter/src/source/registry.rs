@@ -261,6 +261,11 @@ pub struct Downloads {
 }
 
 impl Downloads {
+    /// Shows `bar` with the download bars (pass 1 runs while layers still download).
+    pub fn join_display(&self, bar: indicatif::ProgressBar) -> indicatif::ProgressBar {
+        self.progress.join(bar)
+    }
+
     /// Waits for every download; what was fetched and reused, or the first failure.
     pub fn finish(&self) -> Result<RegistryStats> {
         let worker = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
