@@ -591,19 +591,21 @@ pub fn emit<W: Write>(
     });
     result.context("cannot write the artifact")?;
 
-    // Phase B: regular files, streamed from the layers in order. A layer is
-    // read only up to its last member that reaches the output, and not at all
-    // when none does.
-    let mut last_winner: HashMap<u32, u64> = HashMap::new();
+    // Phase B: regular files, streamed from the layers in order. Only the
+    // members that reach the output are read again: a layer with none is not
+    // read at all, and none is read past its last.
+    let mut wanted: HashMap<u32, Vec<u64>> = HashMap::new();
     for (source, _, _) in &files {
-        let last = last_winner.entry(source.layer).or_default();
-        *last = (*last).max(source.ordinal);
+        let ordinals = wanted.entry(source.layer).or_default();
+        if ordinals.last() != Some(&source.ordinal) {
+            ordinals.push(source.ordinal);
+        }
     }
     let mut pass2 = vec![PassCost::default(); image.layers.len()];
     let mut next = 0usize;
     for (place, desc) in image.layers.iter().enumerate() {
         let layer_index = desc.index as u32;
-        let Some(&last) = last_winner.get(&layer_index) else {
+        let Some(ordinals) = wanted.get(&layer_index) else {
             continue;
         };
         let started = Instant::now();
@@ -616,7 +618,8 @@ pub fn emit<W: Write>(
             }
         }
         let blob = image.blobs.open_layer(desc)?;
-        let reread = layer::reread_layer(blob, desc, last, |ordinal, entry, raw| {
+        let access = &index.layers[place].access;
+        let reread = layer::reread_layer(blob, desc, access, ordinals, |ordinal, entry, raw| {
             let here = Source {
                 layer: layer_index,
                 ordinal,

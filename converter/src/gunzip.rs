@@ -3,6 +3,12 @@
 //! it inflates markedly faster than `flate2`'s default backend (miniz_oxide;
 //! figures in docs/benchmarks.md). Compression is not touched: gzip *output*
 //! stays on `flate2`, so artifacts keep their bytes.
+//!
+//! Access points (as zlib's `zran` example makes them): while pass 1 inflates,
+//! every [`ACCESS_SPACING`] bytes of output it notes, at the next deflate block
+//! boundary, the compressed position (byte and bit) and the 32 KiB window. Pass 2
+//! can then [`Gunzip::jump`] over a long span no output needs, instead of
+//! inflating it again: raw inflate primed with the bits and the window.
 
 use std::ffi::CStr;
 use std::io::{self, BufRead, Read};
@@ -11,6 +17,37 @@ use libz_rs_sys as z;
 
 /// gzip wrapper only (no zlib or raw deflate), largest window.
 const GZIP_WINDOW_BITS: i32 = 15 + 16;
+/// Raw deflate (resuming inside a member), largest window.
+const RAW_WINDOW_BITS: i32 = -15;
+/// Output between two access points: 32 KiB of window per 2 MiB of layer tar
+/// (≈ 27 MB for the 1.7 GB benchmark image).
+pub const ACCESS_SPACING: u64 = 2 << 20;
+const WINDOW: usize = 32 << 10;
+/// The gzip trailer (CRC-32 and size) after each member's deflate data.
+const TRAILER: u64 = 8;
+
+/// A place where inflating can start again without what came before.
+#[derive(Clone)]
+pub struct AccessPoint {
+    /// Compressed bytes before it; with `bits` > 0 the last of them still holds
+    /// that many unread bits.
+    pub compressed: u64,
+    pub bits: u8,
+    /// Uncompressed bytes before it.
+    pub uncompressed: u64,
+    /// The output's last 32 KiB before it (less at a member's start).
+    window: Box<[u8]>,
+}
+
+impl std::fmt::Debug for AccessPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AccessPoint(in {}+{} bits, out {})",
+            self.compressed, self.bits, self.uncompressed
+        )
+    }
+}
 
 /// One zlib inflate state; ended when dropped. Boxed: zlib keeps a pointer
 /// back to the stream, which therefore may not move.
@@ -37,10 +74,10 @@ impl Stream {
         Ok(Stream(strm))
     }
 
-    /// Ready for the next gzip member.
-    fn reset(&mut self) -> io::Result<()> {
+    /// Ready for a new gzip member (`GZIP_WINDOW_BITS`) or raw deflate.
+    fn reset(&mut self, window_bits: i32) -> io::Result<()> {
         // SAFETY: the stream was initialised by `new`.
-        match unsafe { z::inflateReset(&mut *self.0) } {
+        match unsafe { z::inflateReset2(&mut *self.0, window_bits) } {
             z::Z_OK => Ok(()),
             rc => Err(io::Error::other(format!(
                 "cannot reset gzip decoder ({rc})"
@@ -48,9 +85,49 @@ impl Stream {
         }
     }
 
+    /// Raw inflate from a block boundary: `bits` low bits of `byte`'s top, then
+    /// the window.
+    fn resume(&mut self, bits: u8, byte: u8, window: &[u8]) -> io::Result<()> {
+        self.reset(RAW_WINDOW_BITS)?;
+        let s = &mut *self.0;
+        // SAFETY: initialised stream; `window` is valid for its length.
+        let rc = unsafe {
+            let mut rc = z::Z_OK;
+            if bits > 0 {
+                rc = z::inflatePrime(s, bits as i32, (byte >> (8 - bits)) as i32);
+            }
+            if rc == z::Z_OK && !window.is_empty() {
+                rc = z::inflateSetDictionary(s, window.as_ptr(), window.len() as u32);
+            }
+            rc
+        };
+        if rc != z::Z_OK {
+            return Err(io::Error::other(format!(
+                "cannot resume gzip at an access point ({rc})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The last 32 KiB of output (less at a member's start).
+    fn window(&self) -> Box<[u8]> {
+        let mut buf = vec![0u8; WINDOW];
+        let mut len = 0u32;
+        // SAFETY: `buf` holds 32 KiB, the most zlib ever copies.
+        unsafe { z::inflateGetDictionary(&*self.0, buf.as_mut_ptr(), &mut len) };
+        buf.truncate(len as usize);
+        buf.into_boxed_slice()
+    }
+
+    /// zlib's `data_type`: unused bits of the last input byte, +64 in the last
+    /// block, +128 right after a block ended.
+    fn data_type(&self) -> i32 {
+        self.0.data_type
+    }
+
     /// Inflates from `input` into `out`; returns (zlib's code, bytes consumed,
     /// bytes produced).
-    fn inflate(&mut self, input: &[u8], out: &mut [u8]) -> (i32, usize, usize) {
+    fn inflate(&mut self, input: &[u8], out: &mut [u8], flush: i32) -> (i32, usize, usize) {
         let (in_len, out_len) = (
             input.len().min(u32::MAX as usize),
             out.len().min(u32::MAX as usize),
@@ -63,7 +140,7 @@ impl Stream {
         // SAFETY: the buffers are valid for the lengths given and outlive the
         // call; zlib keeps no pointer into them that is used after it returns
         // (both are set again before every call).
-        let rc = unsafe { z::inflate(s, z::Z_NO_FLUSH) };
+        let rc = unsafe { z::inflate(s, flush) };
         let consumed = in_len - s.avail_in as usize;
         let produced = out_len - s.avail_out as usize;
         s.next_in = std::ptr::null();
@@ -102,6 +179,14 @@ pub struct Gunzip<R> {
     stream: Stream,
     /// A member ended: the next byte, if any, starts another.
     between_members: bool,
+    /// Inflating raw deflate after a jump: the member's trailer is skipped
+    /// (pass 1 checked it) when its data ends.
+    raw: bool,
+    compressed: u64,
+    uncompressed: u64,
+    /// Noting access points (pass 1), and those noted.
+    record: bool,
+    points: Vec<AccessPoint>,
 }
 
 impl<R: BufRead> Gunzip<R> {
@@ -110,7 +195,72 @@ impl<R: BufRead> Gunzip<R> {
             inner,
             stream: Stream::new()?,
             between_members: false,
+            raw: false,
+            compressed: 0,
+            uncompressed: 0,
+            record: false,
+            points: Vec::new(),
         })
+    }
+
+    /// Also notes access points while decompressing.
+    pub fn recording(inner: R) -> io::Result<Self> {
+        Ok(Gunzip {
+            record: true,
+            ..Self::new(inner)?
+        })
+    }
+
+    /// The access points noted so far.
+    pub fn take_points(&mut self) -> Vec<AccessPoint> {
+        std::mem::take(&mut self.points)
+    }
+
+    /// Continues at `point` (of this same blob, noted by a recording decoder),
+    /// skipping the compressed bytes before it without inflating them. The
+    /// point must not lie behind the current position.
+    pub fn jump(&mut self, point: &AccessPoint) -> io::Result<()> {
+        let partial = u64::from(point.bits > 0);
+        if point.compressed < self.compressed + partial || point.uncompressed < self.uncompressed {
+            return Err(io::Error::other("access point behind the current position"));
+        }
+        self.skip_input(point.compressed - partial - self.compressed)?;
+        let mut byte = 0;
+        if partial == 1 {
+            let buf = self.inner.fill_buf()?;
+            byte = *buf.first().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than before")
+            })?;
+            self.inner.consume(1);
+            self.compressed += 1;
+        }
+        self.stream.resume(point.bits, byte, &point.window)?;
+        self.uncompressed = point.uncompressed;
+        self.raw = true;
+        self.between_members = false;
+        Ok(())
+    }
+
+    fn skip_input(&mut self, mut n: u64) -> io::Result<()> {
+        while n > 0 {
+            let buf = self.inner.fill_buf()?;
+            if buf.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "gzip stream ends in the middle of a member",
+                ));
+            }
+            let k = buf.len().min(n as usize);
+            self.inner.consume(k);
+            self.compressed += k as u64;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    fn note_point_due(&self) -> bool {
+        let last = self.points.last().map_or(0, |p| p.uncompressed);
+        self.record && self.uncompressed >= last + ACCESS_SPACING
     }
 
     /// The compressed reader, positioned after what was decompressed.
@@ -125,20 +275,42 @@ impl<R: BufRead> Read for Gunzip<R> {
             return Ok(0);
         }
         loop {
+            // Stop at a block boundary when an access point is due.
+            let flush = if self.note_point_due() {
+                z::Z_BLOCK
+            } else {
+                z::Z_NO_FLUSH
+            };
             let input = self.inner.fill_buf()?;
             if self.between_members {
                 if input.is_empty() {
                     return Ok(0);
                 }
-                self.stream.reset()?;
+                self.stream.reset(GZIP_WINDOW_BITS)?;
                 self.between_members = false;
             }
             let at_end = input.is_empty();
-            let (rc, consumed, produced) = self.stream.inflate(input, out);
+            let (rc, consumed, produced) = self.stream.inflate(input, out, flush);
             self.inner.consume(consumed);
+            self.compressed += consumed as u64;
+            self.uncompressed += produced as u64;
+            let dt = self.stream.data_type();
+            if flush == z::Z_BLOCK && rc == z::Z_OK && dt & 128 != 0 && dt & 64 == 0 {
+                self.points.push(AccessPoint {
+                    compressed: self.compressed,
+                    bits: (dt & 7) as u8,
+                    uncompressed: self.uncompressed,
+                    window: self.stream.window(),
+                });
+            }
             match rc {
                 z::Z_STREAM_END => {
                     self.between_members = true;
+                    if self.raw {
+                        // The trailer of a member resumed raw (pass 1 checked it).
+                        self.skip_input(TRAILER)?;
+                        self.raw = false;
+                    }
                     if produced > 0 {
                         return Ok(produced);
                     }
@@ -180,6 +352,49 @@ mod tests {
         let mut out = Vec::new();
         Gunzip::new(io::BufReader::with_capacity(7, blob))?.read_to_end(&mut out)?;
         Ok(out)
+    }
+
+    #[test]
+    fn jumps_land_where_the_points_were_noted() {
+        // Two members of poorly compressible bytes, several access points each.
+        let bytes = |seed: u64, n: usize| -> Vec<u8> {
+            let mut x = seed | 1;
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % 61) as u8
+                })
+                .collect()
+        };
+        let (a, b) = (bytes(3, 9 << 20), bytes(5, 5 << 20));
+        let mut blob = gzip(&a);
+        blob.extend(gzip(&b));
+        let whole = [a, b].concat();
+        let mut first = Gunzip::recording(io::BufReader::new(&blob[..])).unwrap();
+        let mut out = Vec::new();
+        first.read_to_end(&mut out).unwrap();
+        assert_eq!(out, whole);
+        let points = first.take_points();
+        assert!(points.len() >= 5, "{points:?}");
+        for p in points.iter().step_by(2) {
+            let mut again = Gunzip::new(io::BufReader::new(&blob[..])).unwrap();
+            again.jump(p).unwrap();
+            let mut rest = Vec::new();
+            again.read_to_end(&mut rest).unwrap();
+            assert_eq!(rest, whole[p.uncompressed as usize..], "from {p:?}");
+        }
+        // From one point to a later one, reading a little in between.
+        let mut hop = Gunzip::new(io::BufReader::new(&blob[..])).unwrap();
+        hop.jump(&points[0]).unwrap();
+        let mut some = vec![0u8; 1000];
+        hop.read_exact(&mut some).unwrap();
+        hop.jump(&points[points.len() - 1]).unwrap();
+        let mut rest = Vec::new();
+        hop.read_to_end(&mut rest).unwrap();
+        let last = points[points.len() - 1].uncompressed as usize;
+        assert_eq!(rest, whole[last..]);
     }
 
     #[test]

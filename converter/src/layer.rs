@@ -5,12 +5,13 @@
 //! indexing pass and the emitting pass.
 
 use std::io::{self, BufRead, BufReader, Read};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 
 use crate::digest::{Digest, HashRead};
-use crate::gunzip::Gunzip;
+use crate::gunzip::{AccessPoint, Gunzip};
 use crate::path::{RelPath, MAX_PATH_BYTES};
 use crate::tarstream::{parse_pax, SparseMap, Tap, TarStream};
 use crate::text::{printable, NAME_SHOWN};
@@ -104,12 +105,14 @@ impl Read for Decoder {
 
 impl Decoder {
     /// Sniffs the compression of `blob` and starts the matching decoder.
-    /// `hashing: false` only counts the blob's bytes (pass 2, after pass 1 proved them).
+    /// `hashing: false` only counts the blob's bytes (pass 2, after pass 1 proved
+    /// them); `record` notes gzip access points (pass 1, for pass 2's jumps).
     fn open(
         blob: Box<dyn Read + Send>,
         size_limit: Option<u64>,
         label: &str,
         hashing: bool,
+        record: bool,
     ) -> Result<(Compression, Decoder)> {
         let blob = if hashing {
             HashRead::new(blob, size_limit)
@@ -124,7 +127,12 @@ impl Decoder {
         let compression = Compression::sniff(&magic);
         let decoder = match compression {
             Compression::Gzip => Decoder::Gzip(
-                Gunzip::new(raw).with_context(|| format!("{label}: cannot start gzip decoder"))?,
+                if record {
+                    Gunzip::recording(raw)
+                } else {
+                    Gunzip::new(raw)
+                }
+                .with_context(|| format!("{label}: cannot start gzip decoder"))?,
             ),
             Compression::Zstd => Decoder::Zstd(
                 zstd::stream::read::Decoder::with_buffer(raw)
@@ -134,6 +142,21 @@ impl Decoder {
             Compression::Plain => Decoder::Plain(raw),
         };
         Ok((compression, decoder))
+    }
+
+    /// The access points noted so far (gzip only; none for other formats).
+    fn take_points(&mut self) -> Vec<AccessPoint> {
+        match self {
+            Decoder::Gzip(d) => d.take_points(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn jump(&mut self, point: &AccessPoint) -> io::Result<()> {
+        match self {
+            Decoder::Gzip(d) => d.jump(point),
+            _ => Err(io::Error::other("access points exist for gzip only")),
+        }
     }
 
     fn into_inner(self) -> Compressed {
@@ -192,6 +215,43 @@ pub struct LayerStats {
     pub members: u64,
     /// Pass 1's time on this layer (read, verify, parse), set by the indexer.
     pub seconds: f64,
+    /// Where each member starts, and gzip access points: what pass 2 needs to
+    /// read only some members.
+    pub access: Arc<LayerAccess>,
+}
+
+/// Positions in a layer's tar stream, noted by pass 1.
+#[derive(Default)]
+pub struct LayerAccess {
+    /// Per member (by ordinal): where its first header block starts (a PAX or
+    /// long-name header included) and where its data starts.
+    members: Vec<(u64, u64)>,
+    /// gzip layers: places to resume inflating, by uncompressed position.
+    points: Vec<AccessPoint>,
+}
+
+impl std::fmt::Debug for LayerAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LayerAccess({} members, {} access points)",
+            self.members.len(),
+            self.points.len()
+        )
+    }
+}
+
+/// A jump is worth it only over this much output.
+const JUMP_MIN: u64 = 256 << 10;
+
+impl LayerAccess {
+    /// The last access point at or before `target`, if it saves at least
+    /// [`JUMP_MIN`] of inflating from `pos`.
+    fn point_before(&self, pos: u64, target: u64) -> Option<&AccessPoint> {
+        let after = self.points.partition_point(|p| p.uncompressed <= target);
+        let p = self.points[..after].last()?;
+        (p.uncompressed >= pos + JUMP_MIN).then_some(p)
+    }
 }
 
 /// What streaming a whole tar blob established.
@@ -214,19 +274,44 @@ pub fn walk_tar(
     size_limit: Option<u64>,
     label: &str,
     warnings: &mut Vec<String>,
-    mut on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
+    on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
 ) -> Result<Walked> {
-    let (compression, decoder) = Decoder::open(blob, size_limit, label, true)?;
+    walk(blob, size_limit, label, warnings, false, on_member).map(|(walked, _)| walked)
+}
+
+/// [`walk_tar`], also noting where members start and (`record`) gzip access points.
+fn walk(
+    blob: Box<dyn Read + Send>,
+    size_limit: Option<u64>,
+    label: &str,
+    warnings: &mut Vec<String>,
+    record: bool,
+    mut on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
+) -> Result<(Walked, LayerAccess)> {
+    let (compression, decoder) = Decoder::open(blob, size_limit, label, true, record)?;
     let (stream, tap) = TarStream::new(HashRead::new(decoder, None));
     let mut archive = tar::Archive::new(stream);
-    let members = each_member(&mut archive, &tap, label, None, &mut on_member)?;
+    let mut access = LayerAccess::default();
+    let members = each_member(
+        &mut archive,
+        &tap,
+        label,
+        Start::default(),
+        None,
+        &mut |_, start, data| {
+            access.members.push((start, data));
+            Ok(())
+        },
+        &mut on_member,
+    )?;
     drop(tap);
     // Whatever follows the end-of-archive marker (padding, garbage) is still part
     // of the diff: hash it so diff_id covers the whole stream.
     let mut diff = archive.into_inner().into_inner();
     io::copy(&mut diff, &mut io::sink())
         .with_context(|| format!("{label}: corrupt or truncated layer data"))?;
-    let (diff_id, uncompressed_bytes, decoder) = diff.finish();
+    let (diff_id, uncompressed_bytes, mut decoder) = diff.finish();
+    access.points = decoder.take_points();
     let mut raw = decoder.into_inner();
     let trailing = io::copy(&mut raw, &mut io::sink())
         .with_context(|| format!("{label}: cannot read blob"))?;
@@ -236,30 +321,46 @@ pub fn walk_tar(
         ));
     }
     let (blob_digest, compressed_bytes, _) = raw.into_inner().finish();
-    Ok(Walked {
+    let walked = Walked {
         compression,
         blob_digest,
         compressed_bytes,
         diff_id,
         uncompressed_bytes,
         members,
-    })
+    };
+    Ok((walked, access))
+}
+
+/// Where a tar reader starts in a layer stream: the ordinal and the stream
+/// position of its first member.
+#[derive(Debug, Clone, Copy, Default)]
+struct Start {
+    ordinal: u64,
+    offset: u64,
 }
 
 /// Calls `on_member` for every member of `archive`, or up to and including
 /// ordinal `last`; returns how many it saw.
+/// `at(ordinal, start, data)` learns where each member's headers and data start
+/// in the layer stream (`from.offset` + the position in `archive`).
+#[allow(clippy::too_many_arguments)]
 fn each_member(
     archive: &mut tar::Archive<LayerTar>,
     tap: &Tap<HashRead<Decoder>>,
     label: &str,
+    from: Start,
     last: Option<u64>,
+    at: &mut dyn FnMut(u64, u64, u64) -> Result<()>,
     on_member: &mut impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
 ) -> Result<u64> {
     let mut members = 0u64;
+    let mut start = 0u64;
     let entries = archive
         .entries()
         .with_context(|| format!("{label}: not a tar stream"))?;
-    for (ordinal, entry) in entries.enumerate() {
+    for (n, entry) in entries.enumerate() {
+        let ordinal = from.ordinal as usize + n;
         let mut entry = entry.map_err(|e| {
             anyhow!("{label}: corrupt or truncated layer after {ordinal} members: {e}")
         })?;
@@ -273,6 +374,12 @@ fn each_member(
                 sparse,
             )
             .map_err(|e| anyhow!("{label}: member #{ordinal}: {e}"))?;
+        at(
+            ordinal as u64,
+            from.offset + start,
+            from.offset + raw.data_start,
+        )?;
+        start = raw.next_start;
         let raw = Raw {
             pax: raw.pax,
             sparse: raw.sparse,
@@ -296,34 +403,72 @@ pub struct Reread {
     pub compressed_bytes: u64,
 }
 
-/// Pass 2's read of a layer pass 1 verified: members up to and including
-/// ordinal `last` (the last one pass 2 needs), then it stops: the tail is
-/// neither decompressed nor hashed. Nothing is hashed at all: decompression is
-/// deterministic, so while the blob is the one pass 1 proved (the caller
-/// compares its size) the bytes are the ones pass 1 checked.
+/// Pass 2's read of a layer pass 1 verified: only the members `wanted`
+/// (ordinals, ascending), each reached from the member before it by
+/// decompressing the bytes in between, or — over a long span of a gzip layer —
+/// by jumping to the access point before it. Nothing after the last wanted
+/// member is read. Nothing is hashed: decompression is deterministic, so while
+/// the blob is the one pass 1 proved (the caller compares its size) the bytes
+/// are the ones pass 1 checked; every member is also found exactly where pass 1
+/// saw it, or the read fails.
 pub fn reread_layer(
     blob: Box<dyn Read + Send>,
     desc: &LayerDesc,
-    last: u64,
+    access: &LayerAccess,
+    wanted: &[u64],
     mut on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
 ) -> Result<Reread> {
     let label = desc.label();
-    let (_, decoder) = Decoder::open(blob, desc.size, &label, false)?;
-    let (stream, tap) = TarStream::new(HashRead::counting(decoder, None));
-    let mut archive = tar::Archive::new(stream);
-    let seen = each_member(&mut archive, &tap, &label, Some(last), &mut on_member)?;
-    if seen <= last {
-        bail!(
-            "{label}: the layer ended after {seen} members, before member #{last} of the first \
-             read; did the blob change since?"
-        );
+    let moved = || anyhow!("{label}: the layer differs from its first read; did the blob change?");
+    let (_, mut decoder) = Decoder::open(blob, desc.size, &label, false, false)?;
+    let (mut pos, mut inflated) = (0u64, 0u64);
+    for &ordinal in wanted {
+        let &(start, _) = access.members.get(ordinal as usize).ok_or_else(moved)?;
+        if let Some(point) = access.point_before(pos, start) {
+            decoder
+                .jump(point)
+                .with_context(|| format!("{label}: second read"))?;
+            pos = point.uncompressed;
+        }
+        let skip = start.checked_sub(pos).ok_or_else(moved)?;
+        let skipped = io::copy(&mut (&mut decoder).take(skip), &mut io::sink())
+            .with_context(|| format!("{label}: corrupt or truncated layer data"))?;
+        if skipped != skip {
+            return Err(moved());
+        }
+        inflated += skip;
+        let (stream, tap) = TarStream::new(HashRead::counting(decoder, None));
+        let mut archive = tar::Archive::new(stream);
+        let from = Start {
+            ordinal,
+            offset: start,
+        };
+        let seen = each_member(
+            &mut archive,
+            &tap,
+            &label,
+            from,
+            Some(ordinal),
+            &mut |n, start, data| {
+                if access.members.get(n as usize) == Some(&(start, data)) {
+                    Ok(())
+                } else {
+                    Err(moved())
+                }
+            },
+            &mut on_member,
+        )?;
+        if seen != 1 {
+            return Err(moved());
+        }
+        drop(tap);
+        let counted = archive.into_inner().into_inner();
+        pos = start + counted.count();
+        inflated += counted.count();
+        decoder = counted.finish().2;
     }
-    drop(tap);
-    let diff = archive.into_inner().into_inner();
-    let inflated_bytes = diff.count();
-    let (_, _, decoder) = diff.finish();
     Ok(Reread {
-        inflated_bytes,
+        inflated_bytes: inflated,
         compressed_bytes: decoder.into_inner().into_inner().count(),
     })
 }
@@ -339,7 +484,7 @@ pub fn read_layer(
     on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
 ) -> Result<LayerStats> {
     let label = desc.label();
-    let walked = walk_tar(blob, desc.size, &label, warnings, on_member)?;
+    let (walked, access) = walk(blob, desc.size, &label, warnings, true, on_member)?;
     if let Some(claimed) = Compression::from_media_type(&desc.media_type) {
         if claimed != walked.compression {
             warnings.push(format!(
@@ -377,13 +522,14 @@ pub fn read_layer(
         uncompressed_bytes: walked.uncompressed_bytes,
         members: walked.members,
         seconds: 0.0,
+        access: Arc::new(access),
     })
 }
 
 /// The uncompressed tar of a layer blob (compression told by its magic bytes).
 /// No digest is checked here: callers hash what they read.
 pub fn decompressed(blob: Box<dyn Read + Send>) -> Result<Box<dyn Read + Send>> {
-    Ok(Box::new(Decoder::open(blob, None, "layer", true)?.1))
+    Ok(Box::new(Decoder::open(blob, None, "layer", true, false)?.1))
 }
 
 /// Whether a gzip blob is exactly one gzip member (Proxmox's OCI extraction

@@ -132,6 +132,10 @@ pub struct RawMember {
     pub pax: Option<Vec<u8>>,
     /// Its map, for an old GNU sparse member.
     pub sparse: Option<SparseMap>,
+    /// Where its data starts in the stream, and where the next member's first
+    /// header block starts (its data padded to whole blocks).
+    pub data_start: u64,
+    pub next_start: u64,
 }
 
 impl<R: Read> Tap<R> {
@@ -169,7 +173,12 @@ impl<R: Read> Tap<R> {
         st.data_start = data_pos;
         st.data_end = data_pos + data_len;
         st.captured.clear();
-        Ok(RawMember { pax, sparse: map })
+        Ok(RawMember {
+            pax,
+            sparse: map,
+            data_start: data_pos,
+            next_start: data_pos + padded,
+        })
     }
 
     /// Reads the current member's data straight from the stream (for a sparse

@@ -1,6 +1,7 @@
 //! Pass 2 reads what reaches the output, not the whole image: a layer none of
-//! whose members wins is not decompressed a second time, and a layer is not
-//! read past its last winning member. Counted by the converter itself
+//! whose members wins is not decompressed a second time, a layer is not read
+//! past its last winning member, and a long shadowed span inside a gzip layer
+//! is jumped over (access points noted by pass 1). Counted by the converter itself
 //! (`--json`'s `inflated_pass2_bytes`), on an image built for it
 //! (`common::images::shadowed`).
 
@@ -39,10 +40,18 @@ fn pass2_skips_layers_without_winners_and_tails_after_the_last_winner() {
             l[3].inflated_pass2_bytes,
             l[3].inflated_pass1_bytes
         );
-        // Layers 1, 2 and 5 end with winners: read whole (but the footer).
+        // Layers 1, 2 and 5 end with winners: read to their last member.
         for i in [0, 1, 4] {
             assert!(l[i].inflated_pass2_bytes > 0, "layer {} is read", i + 1);
         }
+        // Layer 1 (gzip): most of big/first.bin (3 MiB, replaced by layer 2) lies
+        // between two winners; pass 2 jumps over it from an access point.
+        assert!(
+            l[0].inflated_pass2_bytes + (1 << 20) < l[0].inflated_pass1_bytes,
+            "layer 1 inflated its shadowed middle again: {} of {} bytes",
+            l[0].inflated_pass2_bytes,
+            l[0].inflated_pass1_bytes
+        );
         let p = &s.passes;
         assert_eq!(
             p.inflated_pass2_bytes,
