@@ -200,6 +200,18 @@ pub fn prepare_user(env: &Env) -> Option<WorkspaceUser> {
         }
         Err(e) => log(format!("home {}: {e}", home.display())),
     }
+    let tools = home::prepare_tool_dirs(root, &home, uid, gid);
+    if !tools.created.is_empty() || tools.owner_set > 0 {
+        log(format!(
+            "home {}: mise directories ready ({} created, {} given to the user)",
+            home.display(),
+            tools.created.len(),
+            tools.owner_set
+        ));
+    }
+    for w in tools.warnings {
+        log(format!("home {}: {w}", home.display()));
+    }
     match home::prepare_dir(root, &project_dir, uid, gid) {
         Ok(o) => {
             for w in o.warnings {
@@ -259,11 +271,13 @@ pub fn lookup_user(name: &str) -> Option<Ids> {
 
 /// Registers the agent with the supervisor: resolved now, and again every
 /// minute while the configuration is unusable.
+/// `session`: what the user's session services export (bus address, keyring, SSH agent).
 pub fn declare(
     sup: &mut Supervisor,
     merged: &Env,
     public_env: &[(String, String)],
     user: Option<&WorkspaceUser>,
+    session: &[(String, String)],
 ) {
     let merged = merged.clone();
     let public_env: Vec<(String, String)> = public_env
@@ -272,6 +286,7 @@ pub fn declare(
         .cloned()
         .collect();
     let user = user.cloned();
+    let session = session.to_vec();
     sup.set_agent_source(Box::new(move || {
         // A token file may have appeared or changed: read the environment afresh.
         let resolved = match agent_config::resolve_env(&merged) {
@@ -289,6 +304,7 @@ pub fn declare(
             &merged,
             &public_env,
             &user,
+            &session,
             &resolved.config,
         )))
     }));
@@ -298,24 +314,21 @@ fn agent_unit(
     merged: &Env,
     public_env: &[(String, String)],
     user: &WorkspaceUser,
+    session: &[(String, String)],
     cfg: &agent_config::AgentConfig,
 ) -> (UnitSpec, AgentFetch) {
-    let home = user.home.display().to_string();
-    let mut env: Vec<(String, String)> = public_env
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "HOME" | "USER" | "LOGNAME" | "SHELL" | "PATH"))
-        .cloned()
+    let path = merged.get("PATH").map_or("", String::as_str);
+    let login = crate::session::login_env(user, path);
+    let mut env: Vec<(String, String)> = crate::session::with_login(public_env, &login)
+        .into_iter()
+        .filter(|(k, _)| k != "CODER_PROJECT_DIR" && !session.iter().any(|(s, _)| s == k))
         .collect();
-    let path = merged.get("PATH").cloned().unwrap_or_default();
-    env.push(("HOME".into(), home.clone()));
-    env.push(("USER".into(), user.name.clone()));
-    env.push(("LOGNAME".into(), user.name.clone()));
-    env.push(("SHELL".into(), user.shell.clone()));
-    // The user's own mise shims and local bin come first, as a login shell would.
+    // The directory the agent starts in, as upstream exports it (resolved, not as asked).
     env.push((
-        "PATH".into(),
-        format!("{home}/.local/share/mise/shims:{home}/.local/bin:{path}"),
+        "CODER_PROJECT_DIR".into(),
+        user.project_dir.display().to_string(),
     ));
+    env.extend(session.iter().cloned());
     env.extend(agent_config::agent_env(cfg));
 
     let dest = Path::new(AGENT_DIR).join("coder");
@@ -351,11 +364,7 @@ fn agent_unit(
             argv: vec![dest.display().to_string(), "agent".into()],
             env,
             cwd: user.project_dir.clone(),
-            ids: Some(Ids {
-                uid: user.uid,
-                gid: user.gid,
-                groups: user.groups.clone(),
-            }),
+            ids: Some(user.ids()),
             restart: Restart::Always,
             stop_signal: libc::SIGTERM,
             // Under PVE's 60 s shutdown timeout, with room for the services.
@@ -366,6 +375,8 @@ fn agent_unit(
             dirs: Vec::new(),
             capture: true,
             backoff_max: Duration::from_secs(60),
+            oneshot: None,
+            requires: Vec::new(),
         },
         AgentFetch {
             argv: fetch_argv,

@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod home;
 pub mod mounts;
 pub mod services;
+pub mod session;
 pub mod spawn;
 pub mod supervisor;
 pub mod sys;

@@ -99,6 +99,12 @@ pub struct UnitSpec {
     pub capture: bool,
     /// Backoff limits for restarts.
     pub backoff_max: Duration,
+    /// A one-shot: runs once, to completion, within this time (then SIGKILL); what waits
+    /// for it starts when it ends, however it ends.
+    pub oneshot: Option<Duration>,
+    /// Paths checked when the unit is due to start (a one-shot before it may have created
+    /// them): one missing, and the unit is skipped for good.
+    pub requires: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +120,6 @@ struct Unit {
     phase: Phase,
     pid: Option<Pid>,
     started: Option<Instant>,
-    start_seq: u64,
     failures: u32,
     next_start: Instant,
     ready: bool,
@@ -122,6 +127,8 @@ struct Unit {
     probe: Option<Pid>,
     next_probe: Instant,
     last_status: Option<i32>,
+    /// A running one-shot is killed at this instant; `true` once it was.
+    oneshot_deadline: Option<(Instant, bool)>,
 }
 
 /// The agent's binary comes from a fetch child; until then its unit waits.
@@ -179,7 +186,6 @@ pub struct Supervisor {
     main: Option<usize>,
     outputs: Vec<Output>,
     stopping: Option<Stopping>,
-    seq: u64,
     /// Grace for the final sweep of leftover processes.
     pub final_grace: Duration,
     /// Names of units whose readiness the agent waits for.
@@ -203,7 +209,6 @@ impl Supervisor {
             main: None,
             outputs: Vec::new(),
             stopping: None,
-            seq: 0,
             final_grace: Duration::from_secs(3),
             agent_waits_for: Vec::new(),
             agent_source: None,
@@ -220,7 +225,6 @@ impl Supervisor {
             phase: Phase::Waiting,
             pid: None,
             started: None,
-            start_seq: 0,
             failures: 0,
             next_start: now,
             ready: false,
@@ -228,6 +232,7 @@ impl Supervisor {
             probe: None,
             next_probe: now,
             last_status: None,
+            oneshot_deadline: None,
         });
         self.units.len() - 1
     }
@@ -400,10 +405,13 @@ impl Supervisor {
                 "halt"
             }
         ));
-        let mut running: Vec<usize> = (0..self.units.len())
+        // Reverse declaration order (what depends on a unit stops before it), whatever
+        // restarts did to the start order: the command and the agent first, the user's
+        // session after the agent, then the services in reverse dependency order.
+        let running: Vec<usize> = (0..self.units.len())
+            .rev()
             .filter(|&i| self.units[i].pid.is_some())
             .collect();
-        running.sort_by_key(|&i| std::cmp::Reverse(self.units[i].start_seq));
         for u in &mut self.units {
             if u.pid.is_none() {
                 u.phase = Phase::Done;
@@ -499,6 +507,16 @@ impl Supervisor {
                 Restart::OnFailure => status != 0,
                 Restart::Never => false,
             };
+            if let Some((_, killed)) = u.oneshot_deadline.take() {
+                if status == 0 {
+                    log(format!("{} finished", u.spec.name));
+                } else if !killed {
+                    warn(format!(
+                        "{} failed with status {status}; starting what waits for it anyway",
+                        u.spec.name
+                    ));
+                }
+            }
             if !restart {
                 u.phase = Phase::Done;
                 // A unit that is done no longer holds its dependants back.
@@ -533,6 +551,17 @@ impl Supervisor {
     }
 
     fn start(&mut self, i: usize, now: Instant) {
+        let u = &mut self.units[i];
+        if let Some(missing) = u.spec.requires.iter().find(|p| !p.exists()) {
+            log(format!(
+                "{}: not started, {} is missing",
+                u.spec.name,
+                missing.display()
+            ));
+            u.phase = Phase::Done;
+            u.ready = true;
+            return;
+        }
         let argv = if Some(i) == self.agent {
             let Some(bin) = self.fetch.as_ref().and_then(|f| f.have.clone()) else {
                 return;
@@ -544,10 +573,16 @@ impl Supervisor {
             self.units[i].spec.argv.clone()
         };
         for dir in &self.units[i].spec.dirs {
-            if let Err(e) = std::fs::create_dir_all(dir) {
+            let spec = &self.units[i].spec;
+            let made = std::fs::create_dir_all(dir).and_then(|()| match &spec.ids {
+                // A service that runs as a user owns its directories (its sockets go there).
+                Some(ids) => std::os::unix::fs::lchown(dir, Some(ids.uid), Some(ids.gid)),
+                None => Ok(()),
+            });
+            if let Err(e) = made {
                 warn(format!(
                     "{}: cannot create {}: {e}",
-                    self.units[i].spec.name,
+                    spec.name,
                     dir.display()
                 ));
             }
@@ -557,7 +592,6 @@ impl Supervisor {
                 let _ = std::fs::remove_file(path);
             }
         }
-        self.seq += 1;
         let spec = &self.units[i].spec;
         match spawn(&argv, &spec.env, &spec.cwd, spec.ids.as_ref(), spec.capture) {
             Ok(s) => {
@@ -576,15 +610,20 @@ impl Supervisor {
                 let u = &mut self.units[i];
                 u.pid = Some(s.pid);
                 u.started = Some(now);
-                u.start_seq = self.seq;
                 u.phase = Phase::Running;
+                u.next_probe = now;
+                if let Some(limit) = u.spec.oneshot {
+                    // Ready when it ends (or is killed at its deadline).
+                    u.ready = false;
+                    u.oneshot_deadline = Some((now + limit, false));
+                    return;
+                }
                 u.ready = u.spec.ready.is_none();
                 // Measured from the first attempt: restarts do not extend the wait
                 // of what depends on this unit.
                 let timeout = u.spec.ready.as_ref().map_or(0, |r| r.timeout);
                 u.ready_deadline
                     .get_or_insert(now + Duration::from_secs(timeout));
-                u.next_probe = now;
             }
             Err(e) => {
                 let u = &mut self.units[i];
@@ -693,6 +732,7 @@ impl Supervisor {
             }
         }
         self.tick_fetch(now);
+        self.enforce_oneshot_deadlines(now);
         for i in 0..self.units.len() {
             self.check_ready(i, now);
             let u = &self.units[i];
@@ -704,6 +744,26 @@ impl Supervisor {
             if due {
                 self.start(i, now);
             }
+        }
+    }
+
+    /// A one-shot that overruns its time is killed with everything it started; its end
+    /// then releases what waits for it.
+    fn enforce_oneshot_deadlines(&mut self, now: Instant) {
+        for u in &mut self.units {
+            let (Some(pid), Some((deadline, false))) = (u.pid, u.oneshot_deadline) else {
+                continue;
+            };
+            if now < deadline {
+                continue;
+            }
+            warn(format!(
+                "{} did not finish within {} s; killing it and starting what waits for it",
+                u.spec.name,
+                u.spec.oneshot.unwrap_or_default().as_secs_f64()
+            ));
+            let _ = killpg(pid, Signal::SIGKILL);
+            u.oneshot_deadline = Some((deadline, true));
         }
     }
 
@@ -822,6 +882,13 @@ impl Supervisor {
             match st.sweep {
                 None => {
                     if self.has_children() {
+                        let left = self.leftovers();
+                        if !left.is_empty() {
+                            log(format!(
+                                "processes left after every unit stopped: {}; sending SIGTERM",
+                                left.join(" ")
+                            ));
+                        }
                         self.signal_everything(Signal::SIGTERM);
                         st.sweep = Some((now + self.final_grace, false));
                     } else {
@@ -850,6 +917,31 @@ impl Supervisor {
             ),
             Err(Errno::ECHILD)
         )
+    }
+
+    /// `name[pid]` of every live process the final sweep will signal.
+    fn leftovers(&self) -> Vec<String> {
+        let me = std::process::id() as i32;
+        let pids: Vec<i32> = if self.is_pid1 {
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&p| p != me)
+                .collect()
+        } else {
+            children_of_self().into_iter().map(Pid::as_raw).collect()
+        };
+        pids.into_iter()
+            .filter_map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let (head, rest) = stat.rsplit_once(')')?;
+                let name = head.split_once('(')?.1;
+                // Exited, waiting to be reaped: nothing to stop.
+                (rest.split_whitespace().next() != Some("Z")).then(|| format!("{name}[{pid}]"))
+            })
+            .collect()
     }
 
     /// As PID 1 `kill(-1)` reaches every process in the container; otherwise
@@ -907,6 +999,9 @@ impl Supervisor {
             }
             if u.phase == Phase::Running && !u.ready {
                 consider(u.next_probe);
+            }
+            if let Some((d, false)) = u.oneshot_deadline {
+                consider(d);
             }
         }
         for u in &self.units {
