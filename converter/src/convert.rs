@@ -122,6 +122,24 @@ pub struct LayerSummary {
     pub compressed_bytes: u64,
     pub uncompressed_bytes: u64,
     pub members: u64,
+    /// Bytes pass 1 decompressed (the whole layer tar) and its time on the layer.
+    pub inflated_pass1_bytes: u64,
+    pub pass1_seconds: f64,
+    /// Bytes pass 2 decompressed (up to the last member it needed; 0 when it
+    /// needed none) and its time on the layer.
+    pub inflated_pass2_bytes: u64,
+    pub pass2_seconds: f64,
+}
+
+/// The two passes over the layers, all layers together (the injected one included).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PassTotals {
+    pub inflated_pass1_bytes: u64,
+    pub inflated_pass2_bytes: u64,
+    /// Wall time of pass 1 (layers read in parallel) and of pass 2 (writing
+    /// and compressing the artifact included).
+    pub pass1_seconds: f64,
+    pub pass2_seconds: f64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -152,6 +170,8 @@ pub struct Summary {
     pub source: SourceSummary,
     /// What the flattened output holds (all zero with `--keep-layers`).
     pub entries: EmitStats,
+    /// What reading the layers cost, per pass (per layer: `source.layers`).
+    pub passes: PassTotals,
     /// Paths hakim-init injection added (`-/path` = removed).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub injected: Vec<String>,
@@ -201,6 +221,14 @@ impl BlobStore for WithInjectedLayer {
             self.source.open_layer(layer)
         }
     }
+
+    fn blob_size(&self, layer: &LayerDesc) -> Result<Option<u64>> {
+        if layer.index == self.index {
+            Ok(Some(self.tar.len() as u64))
+        } else {
+            self.source.blob_size(layer)
+        }
+    }
 }
 
 /// The newest mtime in the merged tree: injected files are stamped with it when
@@ -210,6 +238,10 @@ fn newest_mtime(tree: &crate::tree::Tree) -> u64 {
     tree.visit(|_, _, id| newest = newest.max(tree.inode(id).meta.mtime));
     newest
 }
+
+/// Pass 1 reads at most this many layers at once: beyond it, memory for the
+/// members held until merged grows faster than the time saved.
+const MAX_PASS1_WORKERS: usize = 4;
 
 fn check_level(compression: OutputCompression, level: u32) -> Result<()> {
     if compression == OutputCompression::Xz && level > 9
@@ -265,7 +297,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         cancel: opts.cancel.clone(),
         ..opts.registry.clone()
     };
-    let (mut image, registry_stats) =
+    let (mut image, downloads) =
         source::open_with(&opts.source, opts.platform.as_ref(), &registry)?;
     let source_layers = image.layers.len();
     cancelled(&opts.cancel)?;
@@ -274,6 +306,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let _logs_suspend_spinner = crate::diag::register_bar(&spinner);
     let mut on_layer = |i: usize, n: usize| {
         spinner.set_message(format!("verifying and indexing layer {}/{n}", i + 1));
         spinner.tick();
@@ -281,12 +314,20 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     let limits = Limits {
         max_sparse_size: opts.max_sparse_size,
     };
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let pass1_started = Instant::now();
     let mut index = flatten::index_layers(
         &image,
         opts.source_date_epoch.unwrap_or(0),
         limits,
+        (threads as usize).min(MAX_PASS1_WORKERS),
         &mut on_layer,
     )?;
+    let pass1_seconds = pass1_started.elapsed().as_secs_f64();
+    // Pass 1 opened every layer, so every download is over.
+    let registry_stats = downloads.as_ref().map(|d| d.finish()).transpose()?;
     spinner.finish_and_clear();
     cancelled(&opts.cancel)?;
 
@@ -368,9 +409,6 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
 
     output::prepare_dir(&opts.output_dir)?;
     let final_path = opts.output_dir.join(&file_name);
-    let threads = opts
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
 
     // Progress over the bytes of file content to copy (sparse files: their data).
     let mut total = 0u64;
@@ -397,6 +435,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let _logs_suspend_bar = crate::diag::register_bar(&bar);
 
     let pending = PendingFile::create(&opts.output_dir)?;
     let cancel = opts.cancel.clone();
@@ -408,6 +447,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     let mut checks: Vec<Check> = Vec::new();
     // Where a write fails (a full disk), the error names the output, however
     // deep in a layer's copy it happened.
+    let pass2_started = Instant::now();
     let written = (|| -> Result<_> {
         Ok(match opts.format {
             OutputFormat::Rootfs => {
@@ -465,6 +505,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         })
     })();
     let (entries, oci, sha256, size) = written.map_err(|e| output::blame_output(e, &final_path))?;
+    let pass2_seconds = pass2_started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     cancelled(&opts.cancel)?;
     let proxmox: Vec<Check> = checks
@@ -498,18 +539,30 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         }
     };
 
+    let pass2 = |place: usize| index.pass2.get(place).copied().unwrap_or_default();
+    let passes = PassTotals {
+        inflated_pass1_bytes: index.layers.iter().map(|s| s.uncompressed_bytes).sum(),
+        inflated_pass2_bytes: index.pass2.iter().map(|c| c.inflated_bytes).sum(),
+        pass1_seconds,
+        pass2_seconds,
+    };
     let layers = image
         .layers
         .iter()
         .zip(&index.layers)
         .take(source_layers)
-        .map(|(d, s)| LayerSummary {
+        .enumerate()
+        .map(|(place, (d, s))| LayerSummary {
             digest: d.digest.as_ref().map(|d| d.to_string()),
             diff_id: d.diff_id.to_string(),
             compression: s.compression,
             compressed_bytes: s.compressed_bytes,
             uncompressed_bytes: s.uncompressed_bytes,
             members: s.members,
+            inflated_pass1_bytes: s.uncompressed_bytes,
+            pass1_seconds: s.seconds,
+            inflated_pass2_bytes: pass2(place).inflated_bytes,
+            pass2_seconds: pass2(place).seconds,
         })
         .collect();
     Ok(Summary {
@@ -533,6 +586,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
             registry: registry_stats,
         },
         entries,
+        passes,
         injected,
         oci,
         push,

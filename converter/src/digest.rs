@@ -90,7 +90,8 @@ impl serde::Serialize for Digest {
 /// an error: a blob may not be longer than its descriptor says.
 pub struct HashRead<R> {
     inner: R,
-    hash: Sha256,
+    /// `None`: count only (bytes an earlier read already proved).
+    hash: Option<Sha256>,
     count: u64,
     limit: Option<u64>,
 }
@@ -99,9 +100,18 @@ impl<R: Read> HashRead<R> {
     pub fn new(inner: R, limit: Option<u64>) -> Self {
         HashRead {
             inner,
-            hash: Sha256::new(),
+            hash: Some(Sha256::new()),
             count: 0,
             limit,
+        }
+    }
+
+    /// Counts without hashing; [`HashRead::finish`] then returns the digest of
+    /// nothing, so only [`HashRead::count`] means anything.
+    pub fn counting(inner: R, limit: Option<u64>) -> Self {
+        HashRead {
+            hash: None,
+            ..Self::new(inner, limit)
         }
     }
 
@@ -110,14 +120,20 @@ impl<R: Read> HashRead<R> {
     }
 
     pub fn finish(self) -> (Digest, u64, R) {
-        (Digest::from_sha256(self.hash), self.count, self.inner)
+        (
+            Digest::from_sha256(self.hash.unwrap_or_default()),
+            self.count,
+            self.inner,
+        )
     }
 }
 
 impl<R: Read> Read for HashRead<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
+        if let Some(hash) = &mut self.hash {
+            hash.update(&buf[..n]);
+        }
         self.count += n as u64;
         if let Some(limit) = self.limit {
             if self.count > limit {

@@ -12,10 +12,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::acceptance::{Member, MemberRules, Stream};
+use crate::fanout;
 use crate::layer::{self, LayerDesc, LayerStats, MemberKind};
 use crate::output;
 use crate::path::{RelPath, MAX_NAME_BYTES, MAX_PATH_BYTES};
@@ -117,6 +119,15 @@ pub struct Index {
     captured: HashMap<Source, Vec<u8>>,
     pub warnings: Vec<String>,
     limits: Limits,
+    /// What pass 2 cost per layer (by place in the stack; filled by [`emit`]).
+    pub pass2: Vec<PassCost>,
+}
+
+/// What one pass cost on one layer: bytes decompressed and seconds spent.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PassCost {
+    pub inflated_bytes: u64,
+    pub seconds: f64,
 }
 
 impl Index {
@@ -162,12 +173,15 @@ impl WarningSink {
 }
 
 /// Pass 1: reads every layer (bottom first), verifying sizes, digests and
-/// diff_ids, and builds the merged tree. Nothing is written.
-/// `on_layer(i, n)` is called before reading layer `i` of `n` (progress).
+/// diff_ids, and builds the merged tree. Nothing is written. Up to `workers`
+/// layers are read and decoded at once; they are merged in layer order, so the
+/// tree, the warnings and the first error do not depend on `workers`.
+/// `on_layer(i, n)` is called before merging layer `i` of `n` (progress).
 pub fn index_layers(
     image: &ResolvedImage,
     implicit_mtime: u64,
     limits: Limits,
+    workers: usize,
     on_layer: &mut dyn FnMut(usize, usize),
 ) -> Result<Index> {
     let mut index = Index {
@@ -177,31 +191,53 @@ pub fn index_layers(
         captured: HashMap::new(),
         warnings: image.warnings.clone(),
         limits,
+        pass2: Vec::new(),
     };
-    for desc in &image.layers {
-        on_layer(desc.index, image.layers.len());
-        index_layer(&mut index, image, desc)?;
-    }
+    let n = image.layers.len();
+    fanout::ordered(
+        n,
+        workers,
+        |i| read_members(image, &image.layers[i], i + 1, limits),
+        |i, read| {
+            on_layer(image.layers[i].index, n);
+            merge_layer(&mut index, &image.layers[i], read?)
+        },
+    )?;
     Ok(index)
 }
 
 /// Pass 1 for one more layer on top of those already indexed (the converter's
 /// own injected layer goes through the same rules as the image's).
 pub fn index_layer(index: &mut Index, image: &ResolvedImage, desc: &LayerDesc) -> Result<()> {
-    let Index {
-        tree,
-        layers: stats,
-        layer_rules,
-        captured,
-        warnings,
-        limits,
-    } = index;
-    let mut rules = MemberRules::new(Stream::OciLayer(layer_rules.len() + 1));
+    let read = read_members(image, desc, index.layer_rules.len() + 1, index.limits)?;
+    merge_layer(index, desc, read)
+}
+
+/// One layer as pass 1 read it, before it is merged into the tree.
+struct LayerRead {
+    stats: LayerStats,
+    rules: MemberRules,
+    members: Vec<(u64, layer::Member)>,
+    captured: Vec<(u64, Vec<u8>)>,
+    warnings: Vec<String>,
+}
+
+/// Reads and checks one layer (`number`: its 1-based place in the stack, for
+/// Proxmox's per-layer rules). Touches nothing shared: layers are read in parallel.
+fn read_members(
+    image: &ResolvedImage,
+    desc: &LayerDesc,
+    number: usize,
+    limits: Limits,
+) -> Result<LayerRead> {
+    let started = Instant::now();
+    let mut rules = MemberRules::new(Stream::OciLayer(number));
     let label = desc.label();
     let blob = image.blobs.open_layer(desc)?;
     let mut members = Vec::new();
-    let layer_index = desc.index as u32;
-    let st = layer::read_layer(blob, desc, warnings, |ordinal, entry, raw| {
+    let mut captured = Vec::new();
+    let mut warnings = Vec::new();
+    let mut stats = layer::read_layer(blob, desc, &mut warnings, |ordinal, entry, raw| {
         let member = layer::parse_member(entry, raw)
             .with_context(|| format!("{label}: member #{ordinal}"))?;
         if let (MemberKind::File { size, stored }, Some(_)) = (&member.kind, raw.sparse()) {
@@ -224,19 +260,53 @@ pub fn index_layer(index: &mut Index, image: &ResolvedImage, desc: &LayerDesc) -
                 entry
                     .read_to_end(&mut buf)
                     .with_context(|| format!("{label}: cannot read '{}'", member.path))?;
-                captured.insert(
-                    Source {
-                        layer: layer_index,
-                        ordinal,
-                    },
-                    buf,
-                );
+                captured.push((ordinal, buf));
             }
         }
         rules.observe(Member::from_parsed(&member));
         members.push((ordinal, member));
         Ok(())
     })?;
+    stats.seconds = started.elapsed().as_secs_f64();
+    crate::diag::layer_pass(1, desc, stats.uncompressed_bytes, started.elapsed());
+    Ok(LayerRead {
+        stats,
+        rules,
+        members,
+        captured,
+        warnings,
+    })
+}
+
+/// Merges a layer pass 1 read into the tree, on top of those merged before.
+fn merge_layer(index: &mut Index, desc: &LayerDesc, read: LayerRead) -> Result<()> {
+    let Index {
+        tree,
+        layers: stats,
+        layer_rules,
+        captured,
+        warnings,
+        ..
+    } = index;
+    let label = desc.label();
+    let layer_index = desc.index as u32;
+    let LayerRead {
+        stats: st,
+        rules,
+        members,
+        captured: files,
+        warnings: read_warnings,
+    } = read;
+    warnings.extend(read_warnings);
+    for (ordinal, buf) in files {
+        captured.insert(
+            Source {
+                layer: layer_index,
+                ordinal,
+            },
+            buf,
+        );
+    }
     stats.push(st);
     layer_rules.push(rules);
 
@@ -521,17 +591,32 @@ pub fn emit<W: Write>(
     });
     result.context("cannot write the artifact")?;
 
-    // Phase B: regular files, streamed from the layers in order.
+    // Phase B: regular files, streamed from the layers in order. A layer is
+    // read only up to its last member that reaches the output, and not at all
+    // when none does.
+    let mut last_winner: HashMap<u32, u64> = HashMap::new();
+    for (source, _, _) in &files {
+        let last = last_winner.entry(source.layer).or_default();
+        *last = (*last).max(source.ordinal);
+    }
+    let mut pass2 = vec![PassCost::default(); image.layers.len()];
     let mut next = 0usize;
-    for desc in &image.layers {
+    for (place, desc) in image.layers.iter().enumerate() {
         let layer_index = desc.index as u32;
-        if next >= files.len() || files[next].0.layer != layer_index {
+        let Some(&last) = last_winner.get(&layer_index) else {
             continue;
-        }
+        };
+        let started = Instant::now();
         let label = desc.label();
+        // Pass 2 does not hash again what pass 1 proved; a blob replaced on disk
+        // in between is caught by its size (and by the member list running short).
+        if let (Some(now), Some(then)) = (image.blobs.blob_size(desc)?, desc.size) {
+            if now != then {
+                bail!("{label}: the blob changed since the first read ({now} bytes, was {then})");
+            }
+        }
         let blob = image.blobs.open_layer(desc)?;
-        let mut ignored = Vec::new();
-        layer::read_layer(blob, desc, &mut ignored, |ordinal, entry, raw| {
+        let reread = layer::reread_layer(blob, desc, last, |ordinal, entry, raw| {
             let here = Source {
                 layer: layer_index,
                 ordinal,
@@ -609,6 +694,11 @@ pub fn emit<W: Write>(
                 e.context(format!("{label}: second read"))
             }
         })?;
+        pass2[place] = PassCost {
+            inflated_bytes: reread.inflated_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        crate::diag::layer_pass(2, desc, reread.inflated_bytes, started.elapsed());
     }
     if next != files.len() {
         return Err(anyhow!(
@@ -616,6 +706,7 @@ pub fn emit<W: Write>(
             files.len() - next
         ));
     }
+    index.pass2 = pass2;
     stats.tar_bytes = out.written();
     Ok((stats, warns.finish()))
 }

@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 
 use crate::digest::{Digest, HashRead};
+use crate::gunzip::Gunzip;
 use crate::path::{RelPath, MAX_PATH_BYTES};
 use crate::tarstream::{parse_pax, SparseMap, Tap, TarStream};
 use crate::text::{printable, NAME_SHOWN};
@@ -84,7 +85,7 @@ type Compressed = BufReader<HashRead<Box<dyn Read + Send>>>;
 /// The decompressing stage of a layer stream; concrete so the raw stream can be recovered at the end
 /// and drained into the blob digest.
 pub enum Decoder {
-    Gzip(flate2::bufread::MultiGzDecoder<Compressed>),
+    Gzip(Gunzip<Compressed>),
     Zstd(zstd::stream::read::Decoder<'static, Compressed>),
     Xz(liblzma::bufread::XzDecoder<Compressed>),
     Plain(Compressed),
@@ -103,19 +104,28 @@ impl Read for Decoder {
 
 impl Decoder {
     /// Sniffs the compression of `blob` and starts the matching decoder.
+    /// `hashing: false` only counts the blob's bytes (pass 2, after pass 1 proved them).
     fn open(
         blob: Box<dyn Read + Send>,
         size_limit: Option<u64>,
         label: &str,
+        hashing: bool,
     ) -> Result<(Compression, Decoder)> {
-        let mut raw = BufReader::with_capacity(256 * 1024, HashRead::new(blob, size_limit));
+        let blob = if hashing {
+            HashRead::new(blob, size_limit)
+        } else {
+            HashRead::counting(blob, size_limit)
+        };
+        let mut raw = BufReader::with_capacity(256 * 1024, blob);
         let magic = raw
             .fill_buf()
             .with_context(|| format!("{label}: cannot read blob"))?
             .to_vec();
         let compression = Compression::sniff(&magic);
         let decoder = match compression {
-            Compression::Gzip => Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(raw)),
+            Compression::Gzip => Decoder::Gzip(
+                Gunzip::new(raw).with_context(|| format!("{label}: cannot start gzip decoder"))?,
+            ),
             Compression::Zstd => Decoder::Zstd(
                 zstd::stream::read::Decoder::with_buffer(raw)
                     .with_context(|| format!("{label}: cannot start zstd decoder"))?,
@@ -180,6 +190,8 @@ pub struct LayerStats {
     pub compressed_bytes: u64,
     pub uncompressed_bytes: u64,
     pub members: u64,
+    /// Pass 1's time on this layer (read, verify, parse), set by the indexer.
+    pub seconds: f64,
 }
 
 /// What streaming a whole tar blob established.
@@ -204,37 +216,10 @@ pub fn walk_tar(
     warnings: &mut Vec<String>,
     mut on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
 ) -> Result<Walked> {
-    let (compression, decoder) = Decoder::open(blob, size_limit, label)?;
+    let (compression, decoder) = Decoder::open(blob, size_limit, label, true)?;
     let (stream, tap) = TarStream::new(HashRead::new(decoder, None));
     let mut archive = tar::Archive::new(stream);
-    let mut members = 0u64;
-    {
-        let entries = archive
-            .entries()
-            .with_context(|| format!("{label}: not a tar stream"))?;
-        for (ordinal, entry) in entries.enumerate() {
-            let mut entry = entry.map_err(|e| {
-                anyhow!("{label}: corrupt or truncated layer after {ordinal} members: {e}")
-            })?;
-            // `size()` honours a PAX `size` record (the header's field may say 0).
-            let sparse = entry.header().entry_type().is_gnu_sparse();
-            let raw = tap
-                .member(
-                    entry.raw_header_position(),
-                    entry.raw_file_position(),
-                    entry.size(),
-                    sparse,
-                )
-                .map_err(|e| anyhow!("{label}: member #{ordinal}: {e}"))?;
-            let raw = Raw {
-                pax: raw.pax,
-                sparse: raw.sparse,
-                tap: &tap,
-            };
-            on_member(ordinal as u64, &mut entry, &raw)?;
-            members += 1;
-        }
-    }
+    let members = each_member(&mut archive, &tap, label, None, &mut on_member)?;
     drop(tap);
     // Whatever follows the end-of-archive marker (padding, garbage) is still part
     // of the diff: hash it so diff_id covers the whole stream.
@@ -258,6 +243,88 @@ pub fn walk_tar(
         diff_id,
         uncompressed_bytes,
         members,
+    })
+}
+
+/// Calls `on_member` for every member of `archive`, or up to and including
+/// ordinal `last`; returns how many it saw.
+fn each_member(
+    archive: &mut tar::Archive<LayerTar>,
+    tap: &Tap<HashRead<Decoder>>,
+    label: &str,
+    last: Option<u64>,
+    on_member: &mut impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
+) -> Result<u64> {
+    let mut members = 0u64;
+    let entries = archive
+        .entries()
+        .with_context(|| format!("{label}: not a tar stream"))?;
+    for (ordinal, entry) in entries.enumerate() {
+        let mut entry = entry.map_err(|e| {
+            anyhow!("{label}: corrupt or truncated layer after {ordinal} members: {e}")
+        })?;
+        // `size()` honours a PAX `size` record (the header's field may say 0).
+        let sparse = entry.header().entry_type().is_gnu_sparse();
+        let raw = tap
+            .member(
+                entry.raw_header_position(),
+                entry.raw_file_position(),
+                entry.size(),
+                sparse,
+            )
+            .map_err(|e| anyhow!("{label}: member #{ordinal}: {e}"))?;
+        let raw = Raw {
+            pax: raw.pax,
+            sparse: raw.sparse,
+            tap,
+        };
+        on_member(ordinal as u64, &mut entry, &raw)?;
+        members += 1;
+        if last == Some(ordinal as u64) {
+            break;
+        }
+    }
+    Ok(members)
+}
+
+/// What pass 2's read of one layer cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reread {
+    /// Bytes decompressed (the layer tar up to the end of the last member read).
+    pub inflated_bytes: u64,
+    /// Bytes of the blob read (in whole read-buffer steps).
+    pub compressed_bytes: u64,
+}
+
+/// Pass 2's read of a layer pass 1 verified: members up to and including
+/// ordinal `last` (the last one pass 2 needs), then it stops: the tail is
+/// neither decompressed nor hashed. Nothing is hashed at all: decompression is
+/// deterministic, so while the blob is the one pass 1 proved (the caller
+/// compares its size) the bytes are the ones pass 1 checked.
+pub fn reread_layer(
+    blob: Box<dyn Read + Send>,
+    desc: &LayerDesc,
+    last: u64,
+    mut on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
+) -> Result<Reread> {
+    let label = desc.label();
+    let (_, decoder) = Decoder::open(blob, desc.size, &label, false)?;
+    let (stream, tap) = TarStream::new(HashRead::counting(decoder, None));
+    let mut archive = tar::Archive::new(stream);
+    let seen = each_member(&mut archive, &tap, &label, Some(last), &mut on_member)?;
+    if seen <= last {
+        bail!(
+            "{label}: the layer ended after {seen} members, before member #{last} of the first \
+             read; did the blob change since?"
+        );
+    }
+    drop(tap);
+    let diff = archive.into_inner().into_inner();
+    let inflated_bytes = diff.count();
+    let (_, _, decoder) = diff.finish();
+    Ok(Reread {
+        inflated_bytes,
+        compressed_bytes: decoder.into_inner().into_inner().count(),
     })
 }
 
@@ -309,13 +376,14 @@ pub fn read_layer(
         compressed_bytes: walked.compressed_bytes,
         uncompressed_bytes: walked.uncompressed_bytes,
         members: walked.members,
+        seconds: 0.0,
     })
 }
 
 /// The uncompressed tar of a layer blob (compression told by its magic bytes).
 /// No digest is checked here: callers hash what they read.
 pub fn decompressed(blob: Box<dyn Read + Send>) -> Result<Box<dyn Read + Send>> {
-    Ok(Box::new(Decoder::open(blob, None, "layer")?.1))
+    Ok(Box::new(Decoder::open(blob, None, "layer", true)?.1))
 }
 
 /// Whether a gzip blob is exactly one gzip member (Proxmox's OCI extraction

@@ -37,6 +37,10 @@ use hakim_convert::source::Platform;
                   hakim-convert batch --config ci/batch.toml -o out/"
 )]
 struct Cli {
+    /// Log each registry request, auth step and retry, and per-layer timings, to stderr
+    /// (-vv: more detail). RUST_LOG (e.g. hakim_convert=debug), when set, replaces it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -678,6 +682,10 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = hakim_convert::diag::init(cli.verbose) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -256,6 +256,7 @@ pub fn flatten_in_memory(
         image,
         clamp.unwrap_or(0),
         flatten::Limits::default(),
+        1,
         &mut |_, _| {},
     )?;
     let mut out = TarWriter::new(Vec::new());

@@ -1,4 +1,4 @@
-//! One fixture per case of the OCI layer checklist (CONTEXT §5), each with the
+//! One fixture per case of the OCI layer rules (docs/converter.md, "Layer rules"), each with the
 //! exact expected artifact. Layers are crafted blob by blob; the artifact is read
 //! back member by member.
 

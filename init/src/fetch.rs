@@ -5,17 +5,15 @@
 //! refuse anything that is not an ELF executable for this machine (an auth proxy once served
 //! a login page as "the binary"), run `<tmp> --version` as the unprivileged user and require
 //! "Coder" in its output, then rename it over the destination. Retrying is the caller's job,
-//! spaced by [`backoff_delay`].
+//! spaced by [`AGENT_FETCH_BACKOFF`].
 //!
 //! The download blocks, so PID 1 does not call this itself: it re-executes its own binary as
 //! `hakim-init __fetch-agent <binary_url> <dest> <uid> <gid>`, whose `main` hands the operands
 //! to [`run_fetch_child`].
 
-use std::collections::hash_map::RandomState;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -23,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crate::agent_config::{AccessUrl, Scheme, UrlError};
 
@@ -33,7 +31,10 @@ pub const FETCH_SUBCOMMAND: &str = "__fetch-agent";
 /// Prefix of every line the fetch child prints.
 const LOG_PREFIX: &str = "hakim-init: fetch: ";
 
-pub use hakim_netenv::{no_proxy_matches, ProxyEnv, SYSTEM_CA_BUNDLES};
+use hakim_netenv::backoff::{random_u64, Backoff};
+use hakim_netenv::ca::{self, CaError};
+use hakim_netenv::text::printable;
+pub use hakim_netenv::{no_proxy_matches, ProxyEnv};
 /// Variables the fetch child reads from its own environment. The parent must pass these
 /// through (and should pass nothing secret: the download needs no token).
 pub const FETCH_ENV: &[&str] = &[
@@ -48,104 +49,24 @@ pub const FETCH_ENV: &[&str] = &[
     "SSL_CERT_FILE",
 ];
 
-/// Exponential backoff for download attempts: 1 s doubling up to 30 s.
-pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Up to this fraction of each delay is randomly shaved off, so that many workspaces
-/// restarted together do not hit the server in lockstep.
-pub const BACKOFF_JITTER: f64 = 0.5;
+/// How failed download attempts are spaced: 1 s doubling up to 30 s, each delay up to 20 %
+/// shorter at random, so that many workspaces restarted together do not hit the server in
+/// lockstep.
+pub const AGENT_FETCH_BACKOFF: Backoff = Backoff {
+    base: Duration::from_secs(1),
+    cap: Duration::from_secs(30),
+    factor: 2,
+    jitter: 0.2,
+};
 
 /// PATH for `--version`; the check needs nothing from the caller's environment.
 const VERSION_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// The delay before retry number `attempt` (0 for the first retry): `base * 2^attempt`, capped
-/// at `max`, minus a random share of up to `jitter_fraction` (clamped to 0..=1) of it. `random`
-/// is the jitter source (e.g. [`random_u64`]), passed in so tests are deterministic. Never more
-/// than `max`, never less than `(1 - jitter_fraction) * min(base, max)`.
-pub fn backoff_delay(
-    attempt: u32,
-    base: Duration,
-    max: Duration,
-    jitter_fraction: f64,
-    random: u64,
-) -> Duration {
-    let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-    let delay = base.saturating_mul(factor).min(max);
-    let jitter = if jitter_fraction.is_nan() {
-        0.0
-    } else {
-        jitter_fraction.clamp(0.0, 1.0)
-    };
-    // Top 53 bits as a uniform number in [0, 1).
-    let unit = (random >> 11) as f64 / (1u64 << 53) as f64;
-    // Computed as a subtraction so that no rounding can push it above `max`, and without
-    // mul_f64, which panics when huge durations round up past Duration::MAX.
-    let shave = Duration::try_from_secs_f64(delay.as_secs_f64() * jitter * unit).unwrap_or(delay);
-    delay.saturating_sub(shave)
-}
-
-/// A random number good enough for jitter and temporary names: std's `RandomState` is seeded
-/// from the OS once per thread and advanced on every call; the clock and pid are mixed in too.
-pub fn random_u64() -> u64 {
-    let mut hasher = RandomState::new().build_hasher();
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    hasher.write_u128(nanos);
-    hasher.write_u32(std::process::id());
-    hasher.finish()
-}
 
 /// The proxy for the agent URL (see [`ProxyEnv::pick`]).
 pub fn proxy_for<'a>(proxy: &'a ProxyEnv, url: &AccessUrl) -> Option<(&'static str, &'a str)> {
     let https = matches!(url.scheme(), Scheme::Https);
     let port = url.port().unwrap_or(if https { 443 } else { 80 });
     proxy.pick(https, url.host(), port)
-}
-
-/// The CA bundles to trust: the first of [`SYSTEM_CA_BUNDLES`] that exists, plus
-/// `SSL_CERT_FILE` when set (a private CA added on top of the system's, not replacing it).
-pub fn ca_bundles_from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = SYSTEM_CA_BUNDLES
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .into_iter()
-        .collect();
-    if let Some(extra) = lookup("SSL_CERT_FILE").filter(|v| !v.trim().is_empty()) {
-        let extra = PathBuf::from(extra.trim());
-        if !out.contains(&extra) {
-            out.push(extra);
-        }
-    }
-    out
-}
-
-/// Loads PEM certificates from `paths`. Each file must hold at least one certificate;
-/// malformed sections are skipped. With no paths at all, Mozilla's roots compiled into ureq
-/// (webpki-roots) are used, so an image without ca-certificates can still reach a public CA.
-pub fn load_root_certs(paths: &[PathBuf]) -> Result<ureq::tls::RootCerts, FetchError> {
-    if paths.is_empty() {
-        return Ok(ureq::tls::RootCerts::WebPki);
-    }
-    let mut certs = Vec::new();
-    for path in paths {
-        let pem = fs::read(path).map_err(|error| FetchError::Io {
-            what: format!("read CA bundle {}", path.display()),
-            error,
-        })?;
-        let before = certs.len();
-        for item in ureq::tls::parse_pem(&pem) {
-            if let Ok(ureq::tls::PemItem::Certificate(cert)) = item {
-                certs.push(cert);
-            }
-        }
-        if certs.len() == before {
-            return Err(FetchError::CaBundle { path: path.clone() });
-        }
-    }
-    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
 /// How [`fetch_agent`] downloads and checks.
@@ -165,8 +86,11 @@ pub struct FetchOptions {
     /// Larger bodies are refused (the real agent is ~200 MB).
     pub max_bytes: u64,
     pub proxy: ProxyEnv,
-    /// See [`ca_bundles_from_lookup`] and [`load_root_certs`].
-    pub ca_bundles: Vec<PathBuf>,
+    /// The system's CA bundle (see [`hakim_netenv::ca::root_certs`]); `None` with no
+    /// `extra_ca` means ureq's compiled-in roots.
+    pub system_ca: Option<PathBuf>,
+    /// `SSL_CERT_FILE`: trusted on top of the system's.
+    pub extra_ca: Vec<PathBuf>,
 }
 
 impl FetchOptions {
@@ -181,7 +105,8 @@ impl FetchOptions {
             version_timeout: Duration::from_secs(10),
             max_bytes: 1 << 30,
             proxy: ProxyEnv::default(),
-            ca_bundles: Vec::new(),
+            system_ca: None,
+            extra_ca: Vec::new(),
         }
     }
 
@@ -190,7 +115,8 @@ impl FetchOptions {
         let lookup = |k: &str| std::env::var(k).ok();
         FetchOptions {
             proxy: ProxyEnv::from_lookup(lookup),
-            ca_bundles: ca_bundles_from_lookup(lookup),
+            system_ca: ca::system_bundle(),
+            extra_ca: ca::ssl_cert_file(lookup).into_iter().collect(),
             ..FetchOptions::new(uid, gid)
         }
     }
@@ -217,9 +143,7 @@ pub enum FetchError {
         var: &'static str,
         reason: &'static str,
     },
-    CaBundle {
-        path: PathBuf,
-    },
+    CaBundle(CaError),
     /// Connection, TLS, timeout or protocol failure.
     Transport {
         url: String,
@@ -263,9 +187,7 @@ impl fmt::Display for FetchError {
                 write!(f, "invalid agent binary URL {url}: {reason}")
             }
             FetchError::Proxy { var, reason } => write!(f, "proxy from {var} unusable: {reason}"),
-            FetchError::CaBundle { path } => {
-                write!(f, "CA bundle {} contains no PEM certificate", path.display())
-            }
+            FetchError::CaBundle(e) => write!(f, "{e}"),
             FetchError::Transport { url, message } => write!(f, "GET {url}: {message}"),
             FetchError::Status {
                 url,
@@ -311,7 +233,7 @@ pub fn fetch_agent(
     opts: &FetchOptions,
 ) -> Result<FetchOutcome, FetchError> {
     let parsed = AccessUrl::parse(binary_url).map_err(|reason| FetchError::InvalidUrl {
-        url: printable(binary_url, 200),
+        url: printable(binary_url.trim(), 200),
         reason,
     })?;
     let url = binary_url.trim();
@@ -410,7 +332,8 @@ fn build_agent(url: &AccessUrl, opts: &FetchOptions) -> Result<ureq::Agent, Fetc
             })?)
         }
     };
-    let roots = load_root_certs(&opts.ca_bundles)?;
+    let roots =
+        ca::root_certs(opts.system_ca.as_deref(), &opts.extra_ca).map_err(FetchError::CaBundle)?;
     let tls = ureq::tls::TlsConfig::builder().root_certs(roots).build();
     let config = ureq::Agent::config_builder()
         // Statuses are reported by us, with the URL.
@@ -600,17 +523,17 @@ fn check_version(path: &Path, opts: &FetchOptions) -> Result<String, FetchError>
         return Err(fail(format!(
             "--version exited with {status}{}",
             detail
-                .map(|l| format!(": {}", printable(l, 200)))
+                .map(|l| format!(": {}", printable(l.trim(), 200)))
                 .unwrap_or_default()
         )));
     }
     match out.lines().find(|l| l.contains("Coder")) {
-        Some(line) => Ok(printable(line, 200)),
+        Some(line) => Ok(printable(line.trim(), 200)),
         None => {
             let first = out.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
             Err(fail(format!(
                 "--version output does not mention Coder (first line: {:?})",
-                printable(first, 120)
+                printable(first.trim(), 120)
             )))
         }
     }
@@ -684,20 +607,6 @@ fn read_capped<R: Read + Send + 'static>(pipe: Option<R>, cap: u64) -> mpsc::Rec
     rx
 }
 
-/// `s` without control characters, at most `max` characters, for one-line messages.
-fn printable(s: &str, max: usize) -> String {
-    let mut out: String = s
-        .trim()
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(max)
-        .collect();
-    if s.trim().chars().count() > max {
-        out.push('…');
-    }
-    out
-}
-
 /// The argv (after the program) that makes hakim-init run [`run_fetch_child`].
 pub fn fetch_child_args(binary_url: &str, dest: &Path, uid: u32, gid: u32) -> Vec<OsString> {
     vec![
@@ -716,7 +625,7 @@ pub fn fetch_child_args(binary_url: &str, dest: &Path, uid: u32, gid: u32) -> Ve
 pub fn run_fetch_child<S: AsRef<OsStr>>(args: &[S]) -> i32 {
     let fail = |msg: &dyn fmt::Display| {
         // One line, whatever the message holds.
-        eprintln!("{LOG_PREFIX}{}", printable(&msg.to_string(), 2000));
+        eprintln!("{LOG_PREFIX}{}", printable(msg.to_string().trim(), 2000));
         1
     };
     let [url, dest, uid, gid] = args else {
@@ -763,60 +672,16 @@ mod tests {
 
     // ---- backoff ----
 
+    /// The real schedule of agent download retries: change it here on purpose or not at all.
     #[test]
-    fn backoff_grows_and_caps() {
-        let d = |a| backoff_delay(a, BACKOFF_BASE, BACKOFF_MAX, 0.0, 0);
-        assert_eq!(d(0), Duration::from_secs(1));
-        assert_eq!(d(1), Duration::from_secs(2));
-        assert_eq!(d(4), Duration::from_secs(16));
-        assert_eq!(d(5), Duration::from_secs(30));
-        assert_eq!(d(31), Duration::from_secs(30));
-        assert_eq!(d(u32::MAX), Duration::from_secs(30));
-        // Huge bases saturate instead of overflowing.
-        assert_eq!(
-            backoff_delay(40, Duration::MAX, Duration::MAX, 0.0, 0),
-            Duration::MAX
-        );
-    }
-
-    #[test]
-    fn backoff_jitter_is_bounded_and_deterministic() {
-        let base = Duration::from_secs(8);
-        assert_eq!(
-            backoff_delay(0, base, BACKOFF_MAX, 0.5, 0),
-            Duration::from_secs(8)
-        );
-        let top = backoff_delay(0, base, BACKOFF_MAX, 0.5, u64::MAX);
-        assert!(top >= Duration::from_secs(4) && top <= Duration::from_millis(4001));
-        let mid = backoff_delay(0, base, BACKOFF_MAX, 0.5, 1 << 63);
-        assert_eq!(mid, Duration::from_secs(6));
-        assert_eq!(
-            backoff_delay(3, base, BACKOFF_MAX, 0.5, 12345),
-            backoff_delay(3, base, BACKOFF_MAX, 0.5, 12345)
-        );
-        for r in [0, 1, 1 << 40, u64::MAX / 3, u64::MAX] {
-            for a in 0..10 {
-                let d = backoff_delay(a, BACKOFF_BASE, BACKOFF_MAX, BACKOFF_JITTER, r);
-                assert!(
-                    d <= BACKOFF_MAX && d >= Duration::from_millis(500),
-                    "{a} {r} {d:?}"
-                );
-            }
-        }
-        // Out-of-range fractions are clamped.
-        assert_eq!(
-            backoff_delay(0, base, BACKOFF_MAX, f64::NAN, u64::MAX),
-            base
-        );
-        assert_eq!(backoff_delay(0, base, BACKOFF_MAX, -1.0, u64::MAX), base);
-        assert!(backoff_delay(0, base, BACKOFF_MAX, 7.0, u64::MAX) < Duration::from_millis(1));
-    }
-
-    #[test]
-    fn random_differs() {
-        let a = random_u64();
-        let b = random_u64();
-        assert_ne!(a, b);
+    fn agent_fetch_schedule() {
+        let s = AGENT_FETCH_BACKOFF;
+        let nominal: Vec<u64> = (0..7).map(|a| s.nominal(a).as_secs()).collect();
+        assert_eq!(nominal, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(s.delay_with(3, 0), Duration::from_secs(8));
+        // At most 20 % shorter, never longer.
+        let shortest = s.delay_with(3, u64::MAX);
+        assert!(shortest >= Duration::from_millis(6400) && shortest < Duration::from_secs(8));
     }
 
     // ---- proxies ----
@@ -913,36 +778,18 @@ mod tests {
     // ---- CA bundles ----
 
     #[test]
-    fn ca_bundle_loading() {
-        assert!(matches!(
-            load_root_certs(&[]).unwrap(),
-            ureq::tls::RootCerts::WebPki
-        ));
+    fn ca_options_from_the_environment() {
+        assert!(build_agent(&url("https://x.example/a"), &test_opts()).is_ok());
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.pem");
         fs::write(&junk, "not a certificate\n").unwrap();
-        let e = load_root_certs(std::slice::from_ref(&junk)).unwrap_err();
-        assert!(matches!(e, FetchError::CaBundle { .. }));
-        let missing = dir.path().join("missing.pem");
-        let e = load_root_certs(&[missing]).unwrap_err();
-        assert!(matches!(e, FetchError::Io { .. }));
-        if let Some(system) = SYSTEM_CA_BUNDLES
-            .iter()
-            .map(Path::new)
-            .find(|p| p.is_file())
-        {
-            match load_root_certs(&[system.to_path_buf()]).unwrap() {
-                ureq::tls::RootCerts::Specific(certs) => assert!(certs.len() > 10),
-                _ => panic!("expected specific roots"),
-            }
-        }
-        let with_extra = ca_bundles_from_lookup(|k| {
-            (k == "SSL_CERT_FILE").then(|| "/custom/ca.pem".to_string())
-        });
-        assert_eq!(with_extra.last(), Some(&PathBuf::from("/custom/ca.pem")));
-        assert!(with_extra.len() <= 2);
-        let none = ca_bundles_from_lookup(|_| None);
-        assert!(none.len() <= 1);
+        let opts = FetchOptions {
+            extra_ca: vec![junk],
+            ..test_opts()
+        };
+        let e = build_agent(&url("https://x.example/a"), &opts).unwrap_err();
+        assert!(matches!(e, FetchError::CaBundle(_)), "{e}");
+        assert!(e.to_string().contains("contains no PEM certificate"), "{e}");
     }
 
     // ---- headers ----
@@ -991,12 +838,6 @@ mod tests {
         hdr[18..20].copy_from_slice(&243u16.to_le_bytes()); // RISC-V
         let e = check_header(&hdr, u).unwrap_err();
         assert!(e.to_string().contains("another architecture"), "{e}");
-    }
-
-    #[test]
-    fn printable_cleans_and_truncates() {
-        assert_eq!(printable(" a\tb\nc ", 10), "a b c");
-        assert_eq!(printable("abcdef", 3), "abc…");
     }
 
     // ---- test programs ----

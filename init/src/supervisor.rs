@@ -67,10 +67,16 @@ pub fn warn(msg: impl AsRef<str>) {
     write_line(msg.as_ref());
 }
 
-/// Exponential backoff (`base·2^attempt`, capped at `max`) with ±20 % jitter so
-/// restarting units do not fall into step.
+/// Exponential backoff (`base·2^attempt`, capped at `max`), each delay up to 20 % shorter
+/// at random so restarting units do not fall into step.
 pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
-    crate::fetch::backoff_delay(attempt, base, max, 0.2, crate::fetch::random_u64())
+    let schedule = hakim_netenv::backoff::Backoff {
+        base,
+        cap: max,
+        factor: 2,
+        jitter: 0.2,
+    };
+    schedule.delay(attempt)
 }
 
 /// Produces the agent unit once its configuration is usable: `Ok(None)` means
@@ -462,8 +468,7 @@ impl Supervisor {
                     f.first_failure = None;
                 } else {
                     f.first_failure.get_or_insert(now);
-                    let delay =
-                        backoff(f.attempts, Duration::from_secs(1), Duration::from_secs(30));
+                    let delay = crate::fetch::AGENT_FETCH_BACKOFF.delay(f.attempts);
                     f.attempts += 1;
                     f.next = now + delay;
                     log(format!(

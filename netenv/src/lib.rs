@@ -1,16 +1,16 @@
-//! Network environment shared by hakim-convert and hakim-init: where the
-//! system's CA bundle lives and how a `no_proxy` list exempts a host. Pure
-//! functions, no dependencies, so the static init binary stays small.
+//! What hakim-convert and hakim-init share, so that neither keeps a copy: how a `no_proxy`
+//! list exempts a host and which proxy a URL takes (here), which CAs to trust ([`ca`]), how
+//! retries are spaced ([`backoff`]) and how untrusted text reaches a message ([`text`]).
+//! Small dependencies only (ureq, which both binaries use anyway, and fastrand), so the
+//! static init binary stays small.
 
 use std::net::IpAddr;
 
-/// CA bundles of the common distributions; the first one present is used.
-pub const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Alpine, Arch
-    "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL
-    "/etc/ssl/ca-bundle.pem",             // openSUSE
-    "/etc/ssl/cert.pem",                  // Alpine (LibreSSL), others
-];
+pub mod backoff;
+pub mod ca;
+pub mod text;
+
+pub use ca::SYSTEM_CA_BUNDLES;
 
 /// Whether `host` (as in a URL; IPv6 may be bracketed) on `port` is exempted by a `no_proxy`
 /// list. Entries are separated by commas or whitespace and matched case-insensitively:

@@ -401,6 +401,8 @@ pub struct TokenRequest {
     pub status: u16,
     /// `(repository, actions)` granted in the token.
     pub granted: Vec<(String, Vec<String>)>,
+    /// The token issued (a test checks that no log shows it).
+    pub token: Option<String>,
 }
 
 /// The GHCR-style token endpoint (`GET /token`), on 127.0.0.1.
@@ -619,6 +621,7 @@ fn serve_token(mut conn: TcpStream, signer: &Signer, denied: &[String]) -> Optio
             .collect(),
         status: 0,
         granted: Vec::new(),
+        token: None,
     };
 
     let (status, body) = if method != "GET" || path != "/token" {
@@ -659,15 +662,15 @@ fn serve_token(mut conn: TcpStream, signer: &Signer, denied: &[String]) -> Optio
             req.granted.push((name.to_string(), granted));
         }
         match signer.jwt(req.user.as_deref(), &req.granted) {
-            Ok(jwt) => (
-                200,
+            Ok(jwt) => (200, {
+                req.token = Some(jwt.clone());
                 json!({
-                    "token": jwt,
-                    "access_token": jwt,
-                    "expires_in": 300,
-                    "issued_at": format_rfc3339(unix_now()),
-                }),
-            ),
+                "token": jwt,
+                "access_token": jwt,
+                "expires_in": 300,
+                "issued_at": hakim_convert::ociout::rfc3339(unix_now()),
+                })
+            }),
             Err(e) => (500, json!({"errors": [{"code": "UNKNOWN", "message": e}]})),
         }
     };
@@ -692,27 +695,6 @@ fn serve_token(mut conn: TcpStream, signer: &Signer, denied: &[String]) -> Optio
     let _ = conn.write_all(resp.as_bytes());
     let _ = conn.shutdown(Shutdown::Both);
     Some(req)
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time (civil-from-days, proleptic Gregorian).
-fn format_rfc3339(t: u64) -> String {
-    let days = (t / 86400) as i64;
-    let secs = t % 86400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
 }
 
 // ---------------------------------------------------------------------------------------------

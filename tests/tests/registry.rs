@@ -607,11 +607,8 @@ fn token_auth_credentials_and_wrong_password() {
         return;
     }
     let _guard = serial();
-    let work = scratch_dir("reg-work-");
-    let demo = demo_image(work.path());
-    let reg = Registry::start(Mode::Token);
+    let (reg, demo, _work) = demo_on_token_registry();
     let token = reg.token.as_ref().unwrap();
-    reg.push(&demo.oci_ref(), "e2e/demo:latest", &[]);
     let local = convert_local(&demo, &[]);
 
     token.clear();
@@ -651,6 +648,222 @@ fn token_auth_credentials_and_wrong_password() {
     assert!(
         requests.iter().any(|t| t.status == 401),
         "the token server never refused the wrong password: {requests:?}\n{stderr}"
+    );
+}
+
+/// A token-auth registry holding the demo image as `e2e/demo:latest` (and the directory
+/// of the demo's layout, to keep).
+fn demo_on_token_registry() -> (Registry, LocalImage, tempfile::TempDir) {
+    let work = scratch_dir("reg-work-");
+    let demo = demo_image(work.path());
+    let reg = Registry::start(Mode::Token);
+    reg.push(&demo.oci_ref(), "e2e/demo:latest", &[]);
+    (reg, demo, work)
+}
+
+/// `hakim-convert convert docker://HOST/REFERENCE -o OUT --compression zstd [ARGS…]` with the
+/// registry's options (`--creds` when `creds`); the output whatever the exit status.
+fn run_remote(
+    reg: &Registry,
+    reference: &str,
+    creds: Option<&str>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let out = scratch_dir("out-");
+    let cache = scratch_dir("cache-");
+    let mut full = vec![
+        "convert".to_string(),
+        reg.docker_ref(reference),
+        "-o".into(),
+        out.path().display().to_string(),
+        "--compression".into(),
+        "zstd".into(),
+    ];
+    full.extend(registry_args(reg, cache.path(), creds));
+    full.extend(args.iter().map(|a| a.to_string()));
+    let mut full_env = converter_env(reg);
+    full_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    run_converter(&full, &full_env)
+}
+
+/// `-vv` logs every request, auth step and layer timing of a pull with credentials and a
+/// token, and never the password, the Basic header or the token; without `-v` nothing is
+/// logged; an invalid `RUST_LOG` is a usage error (exit 2).
+#[test]
+fn verbose_log_of_an_authenticated_pull_hides_the_secrets() {
+    if !conversion_ready(false) {
+        return;
+    }
+    let _guard = serial();
+    let (reg, _, _work) = demo_on_token_registry();
+    let token = reg.token.as_ref().unwrap();
+    token.clear();
+
+    let creds = reg.creds();
+    let out = run_remote(&reg, "e2e/demo:latest", Some(&creds), &["-vv"], &[]);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{log}");
+    assert!(out.status.success(), "-vv pull failed:\n{log}");
+    for expected in [
+        "credentials: --creds",
+        "auth: HTTP 401, Bearer challenge",
+        "auth: token request with the credentials from --creds",
+        "auth: token received (value not logged)",
+        "scope=repository:e2e/demo:pull",
+        "method=GET",
+        "/v2/e2e/demo/manifests/latest",
+        "status=200",
+        "authorization=true",
+        "hakim_convert::timing",
+        "pass=1",
+        "pass=2",
+    ] {
+        assert!(log.contains(expected), "-vv log lacks {expected:?}:\n{log}");
+    }
+    let tokens: Vec<String> = token
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.token)
+        .collect();
+    assert!(!tokens.is_empty(), "no token was issued");
+    let basic = hakim_e2e::registry::base64_std(creds.as_bytes());
+    for secret in tokens
+        .iter()
+        .map(String::as_str)
+        .chain([PASSWORD, basic.as_str()])
+    {
+        assert!(
+            !log.contains(secret) && !stdout.contains(secret),
+            "a secret ({} bytes) is in the -vv output",
+            secret.len()
+        );
+    }
+
+    let quiet = run_remote(&reg, "e2e/demo:latest", Some(&creds), &[], &[]);
+    let quiet_log = String::from_utf8_lossy(&quiet.stderr);
+    assert!(quiet.status.success(), "{quiet_log}");
+    assert!(
+        !quiet_log.contains("hakim_convert::"),
+        "logs without -v:\n{quiet_log}"
+    );
+    let from_env = run_remote(
+        &reg,
+        "e2e/demo:latest",
+        None,
+        &[],
+        &[("RUST_LOG", "hakim_convert::timing=debug")],
+    );
+    let env_log = String::from_utf8_lossy(&from_env.stderr);
+    assert!(
+        env_log.contains("hakim_convert::timing") && !env_log.contains("hakim_convert::registry"),
+        "RUST_LOG=hakim_convert::timing=debug:\n{env_log}"
+    );
+    let bad = run_remote(
+        &reg,
+        "e2e/demo:latest",
+        None,
+        &[],
+        &[("RUST_LOG", "hakim_convert=loud")],
+    );
+    let bad_log = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{bad_log}");
+    assert!(bad_log.contains("RUST_LOG"), "{bad_log}");
+}
+
+/// Docker credential helpers against the htpasswd registry, through a helper program written
+/// for the test (`docker-credential-hakimtest`, a shell script on `PATH`): `credHelpers` and
+/// `credsStore` log in with what it answers; "credentials not found" pulls anonymously (which
+/// this registry refuses); a failing helper is an error with its exit status and stderr, and
+/// never its stdout.
+#[test]
+fn docker_credential_helpers() {
+    if !conversion_ready(false) {
+        return;
+    }
+    let _guard = serial();
+    let work = scratch_dir("reg-work-");
+    let demo = demo_image(work.path());
+    let reg = Registry::start(Mode::HttpsBasic);
+    reg.push(&demo.oci_ref(), "e2e/demo:latest", &[]);
+
+    let bin = scratch_dir("helpers-");
+    let asked = bin.path().join("asked");
+    let script = format!(
+        r#"#!/bin/sh
+[ "$1" = get ] || exit 9
+read -r server
+printf '%s\n' "$server" >> '{asked}'
+case "$HAKIM_HELPER_MODE" in
+  ok) printf '{{"ServerURL":"%s","Username":"{USER}","Secret":"{PASSWORD}"}}' "$server" ;;
+  missing) echo 'credentials not found in native keychain'; exit 1 ;;
+  *) echo 'STDOUT-NEVER-SHOWN {PASSWORD}'; echo 'the keychain is locked' >&2; exit 4 ;;
+esac
+"#,
+        asked = asked.display()
+    );
+    let helper = bin.path().join("docker-credential-hakimtest");
+    std::fs::write(&helper, script).unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let docker_config = reg
+        .client_env()
+        .into_iter()
+        .find(|(k, _)| k == "DOCKER_CONFIG")
+        .map(|(_, v)| std::path::PathBuf::from(v))
+        .unwrap();
+    std::fs::create_dir_all(&docker_config).unwrap();
+    let host = reg.host();
+    let pull = |config: &str, mode: &str| {
+        std::fs::write(docker_config.join("config.json"), config).unwrap();
+        let _ = std::fs::remove_file(&asked);
+        let env = [("PATH", path.as_str()), ("HAKIM_HELPER_MODE", mode)];
+        let out = run_remote(&reg, "e2e/demo:latest", None, &[], &env);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let asked = std::fs::read_to_string(&asked).unwrap_or_default();
+        (out.status.success(), stderr, asked)
+    };
+    let per_registry = format!(r#"{{"credHelpers":{{"{host}":"hakimtest"}}}}"#);
+    let store = format!(r#"{{"auths":{{"{host}":{{}}}},"credsStore":"hakimtest"}}"#);
+
+    let (ok, stderr, asked_for) = pull(&per_registry, "ok");
+    assert!(ok, "credHelpers: the pull failed:\n{stderr}");
+    assert_eq!(
+        asked_for.trim(),
+        host,
+        "credHelpers: the helper was asked about another server"
+    );
+    let (ok, stderr, asked_for) = pull(&store, "ok");
+    assert!(ok, "credsStore: the pull failed:\n{stderr}");
+    assert_eq!(asked_for.trim(), host);
+
+    let (ok, stderr, asked_for) = pull(&store, "missing");
+    assert!(!ok && asked_for.trim() == host, "not found: {stderr}");
+    assert!(
+        stderr.contains("requires a login"),
+        "\"credentials not found\" must mean anonymous (refused by this registry):\n{stderr}"
+    );
+
+    let (ok, stderr, _) = pull(&per_registry, "broken");
+    assert!(!ok, "a failing helper must fail the run");
+    for expected in [
+        "docker-credential-hakimtest",
+        "exit status: 4",
+        "the keychain is locked",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "helper failure lacks {expected:?}:\n{stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains("STDOUT-NEVER-SHOWN") && !stderr.contains(PASSWORD),
+        "the helper's stdout reached the output:\n{stderr}"
     );
 }
 

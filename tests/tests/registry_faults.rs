@@ -106,6 +106,17 @@ fn args(cache: &Path, creds: Option<&str>) -> Vec<String> {
 }
 
 impl Setup {
+    /// The largest blob at 4 KiB/s: its 5.5 KiB take about 1.4 s.
+    fn trickle_largest_blob(&self) {
+        self.proxy.add_rule(Rule::new(
+            &self.blob.0,
+            None,
+            Fault::Trickle {
+                bytes_per_sec: 4096,
+            },
+        ));
+    }
+
     /// A conversion through the proxy that must succeed (every check of [`convert`]), and give
     /// the expected artifact.
     fn convert_ok(&self, cache: &Path, creds: Option<&str>, what: &str) -> Conversion {
@@ -390,14 +401,7 @@ fn wrong_content_fails_naming_the_blob() {
 fn slow_trickle_succeeds() {
     let _guard = serial();
     let Some(s) = setup(Mode::Plain) else { return };
-    // 4 KiB/s: the 5.5 KiB blob takes about 1.4 s.
-    s.proxy.add_rule(Rule::new(
-        &s.blob.0,
-        None,
-        Fault::Trickle {
-            bytes_per_sec: 4096,
-        },
-    ));
+    s.trickle_largest_blob();
     let cache = scratch_dir("cache-");
     let c = s.convert_ok(cache.path(), None, "slow trickle");
     let gets = s.proxy.blob_gets(&s.blob.0);
@@ -554,4 +558,95 @@ fn endless_blob_or_manifest_is_cut_at_its_limit() {
         "manifest is larger than 4194304 bytes",
     );
     assert!(gets[0].body_bytes < 64 << 20, "{:#?}", summary(&gets));
+}
+
+/// Whether every `-v` log line in a terminal transcript starts a line: right after a newline,
+/// a carriage return or a terminal control sequence (the bars being cleared), never glued to
+/// the text of a progress bar. Returns the torn lines.
+fn torn_log_lines(raw: &[u8]) -> Vec<String> {
+    let marker = b" DEBUG hakim_convert";
+    // `2026-12-05T07:42:07.069381Z`: the timestamp opening each line.
+    const STAMP: usize = 27;
+    let mut torn = Vec::new();
+    for at in (0..raw.len().saturating_sub(marker.len())).filter(|&i| raw[i..].starts_with(marker))
+    {
+        let start = at.saturating_sub(STAMP);
+        let before = &raw[..start];
+        let clean = match before.last() {
+            None | Some(b'\n' | b'\r') => true,
+            Some(c) if c.is_ascii_alphabetic() => {
+                // The end of `ESC [ digits/; letter`.
+                let params = before[..before.len() - 1]
+                    .iter()
+                    .rev()
+                    .take_while(|b| b.is_ascii_digit() || **b == b';')
+                    .count();
+                before[..before.len() - 1 - params].ends_with(b"\x1b[")
+            }
+            _ => false,
+        };
+        if !clean {
+            let from = start.saturating_sub(60);
+            torn.push(String::from_utf8_lossy(&raw[from..at + marker.len()]).into_owned());
+        }
+    }
+    torn
+}
+
+/// On a terminal (`script` gives the converter a pty), `-v` log lines are written with the
+/// download bars suspended, so lines and bars do not tear each other.
+#[test]
+fn verbose_log_does_not_tear_progress_bars() {
+    let _guard = serial();
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no script(1)");
+        return;
+    }
+    let Some(s) = setup(Mode::Plain) else { return };
+    // Its bar is drawn while the blob trickles in.
+    s.trickle_largest_blob();
+    let cache = scratch_dir("cache-");
+    let outdir = scratch_dir("out-tty-");
+    let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let mut command = vec![
+        hakim_e2e::converter_bin().display().to_string(),
+        "convert".into(),
+        s.proxy.docker_ref(REPO),
+        "-o".into(),
+        outdir.path().display().to_string(),
+        "--compression".into(),
+        "zstd".into(),
+        "-v".into(),
+    ];
+    command.extend(args(cache.path(), None));
+    let command: Vec<String> = command.iter().map(|a| quote(a)).collect();
+    let transcript = outdir.path().join("typescript");
+    let out = std::process::Command::new("script")
+        .args(["-qfec", &command.join(" ")])
+        .arg(&transcript)
+        .envs(env(&s.reg))
+        .env("TERM", "xterm")
+        .env("COLUMNS", "160")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script runs");
+    let raw = std::fs::read(&transcript).unwrap_or_default();
+    let shown = String::from_utf8_lossy(&raw);
+    assert!(
+        out.status.success(),
+        "the conversion on a pty failed:\n{shown}"
+    );
+    assert!(
+        shown.contains("eta") && shown.contains("DEBUG hakim_convert::registry"),
+        "no bars or no log lines on the pty:\n{shown}"
+    );
+    let torn = torn_log_lines(&raw);
+    assert!(
+        torn.is_empty(),
+        "log lines glued to progress bars: {torn:#?}"
+    );
 }

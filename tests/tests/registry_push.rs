@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use hakim_convert::registry::push::{push, BlobUpload, PushRequest, PushStats, UploadOptions};
 use hakim_convert::registry::push_layout::{from_oci_archive, from_oci_layout};
+use hakim_convert::registry::retry::Backoff;
 use hakim_convert::registry::{Credentials, Reference, RegistryOptions, RetryPolicy};
 use hakim_convert::sample::{write_oci_layout, BlobCompression, LayerBuilder, SampleLayer};
 use hakim_convert::tarout::OutKind;
@@ -198,8 +199,11 @@ fn options(reg: &Registry, creds: bool, upload: UploadOptions) -> RegistryOption
         ca_certs: reg.tls_cert.iter().cloned().collect(),
         retry: RetryPolicy {
             max_attempts: 4,
-            base: Duration::from_millis(50),
-            max_delay: Duration::from_millis(500),
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                cap: Duration::from_millis(500),
+                ..RetryPolicy::default().backoff
+            },
             ..RetryPolicy::default()
         },
         ..RegistryOptions::default()

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 
+use super::credhelper::{self, Choice};
 use super::reference::{DOCKER_HUB, DOCKER_HUB_API};
 
 /// Lifetime of a token whose answer does not say (`expires_in` absent), as in the
@@ -315,6 +316,11 @@ pub enum CredentialSource {
     Flag,
     File(PathBuf),
     AuthFile(PathBuf),
+    /// A credential helper named in this config file.
+    Helper {
+        name: String,
+        file: PathBuf,
+    },
     GithubToken,
 }
 
@@ -324,6 +330,9 @@ impl fmt::Display for CredentialSource {
             CredentialSource::Flag => write!(f, "--creds"),
             CredentialSource::File(p) => write!(f, "--creds-file {}", p.display()),
             CredentialSource::AuthFile(p) => write!(f, "{}", p.display()),
+            CredentialSource::Helper { name, file } => {
+                write!(f, "docker-credential-{name} (named in {})", file.display())
+            }
             CredentialSource::GithubToken => write!(f, "GITHUB_TOKEN"),
         }
     }
@@ -441,7 +450,8 @@ pub struct FoundCredentials {
 }
 
 /// Finds credentials for `registry`/`repository`: `explicit` (`--creds`), then
-/// `file` (`--creds-file`), then the auth files, then `GITHUB_TOKEN` for ghcr.io
+/// `file` (`--creds-file`), then the auth files (each with its credential helpers, see
+/// [`credhelper`]; the first file that names the registry decides), then `GITHUB_TOKEN` for ghcr.io
 /// (user `$GITHUB_ACTOR` or any name: GHCR checks only the token).
 pub fn find_credentials(
     explicit: Option<&Credentials>,
@@ -473,12 +483,28 @@ pub fn find_credentials(
                 continue;
             }
         };
-        match parse_auth_json(&bytes, registry, repository) {
-            Ok(Some(c)) => {
+        match credhelper::choose(&bytes, registry, repository) {
+            Ok(Some(Choice::Inline(c))) => {
                 return Ok(FoundCredentials {
                     credentials: Some((c, CredentialSource::AuthFile(path))),
                     warnings,
                 })
+            }
+            Ok(Some(Choice::Helper(name))) => {
+                let server = credhelper::server_url(registry);
+                let found = credhelper::get(&name, &server, credhelper::HELPER_TIMEOUT)
+                    .with_context(|| format!("credentials for {registry} ({})", path.display()))?;
+                match found {
+                    Some(c) => {
+                        let source = CredentialSource::Helper { name, file: path };
+                        return Ok(FoundCredentials {
+                            credentials: Some((c, source)),
+                            warnings,
+                        });
+                    }
+                    // The helper holds no login for this registry: anonymous, as docker.
+                    None => break,
+                }
             }
             Ok(None) => {}
             Err(e) => warnings.push(format!("{}: {e:#}; ignored", path.display())),

@@ -1,23 +1,16 @@
-//! Talking to one repository of one registry: scheme choice, the auth flow,
-//! redirects, status interpretation and retries of small requests.
+//! Talking to one repository of one registry: scheme choice, sending a request with
+//! its auth, status interpretation and retries of small requests. The token flow is in
+//! [`super::auth_flow`], redirects and where `Authorization` may go in
+//! [`super::redirect`], what a request sends in [`super::request`].
 //!
 //! - Scheme: HTTPS. Plain HTTP only for loopback registries or with `--insecure`,
 //!   and then only after HTTPS failed with a connection or TLS error that is not a
 //!   certificate problem (an untrusted certificate is reported, with the hint, rather
 //!   than silently downgraded). The scheme that worked is kept for the run.
-//! - Auth: anonymous first. A 401 with `Bearer realm,service,scope` sends us to the
-//!   realm (with Basic credentials when we have some) for a token, cached per
-//!   (realm, service, scope) until it expires; later requests carry it from the
-//!   start, and a 401 refreshes it. A `Basic` challenge is answered with credentials.
-//! - Redirects are followed here (at most 5): `Authorization` goes only to the
-//!   registry's own origin (scheme, host, port), never to a CDN; `Range` and
-//!   `Accept` are kept; an HTTPS → HTTP redirect is refused unless `--insecure`.
+//! - Auth: anonymous first; a `401` is answered by the token flow and the request
+//!   sent again (twice at most).
 //! - Any method ([`Client::request`]): `HEAD`, `GET`, and for pushes `POST`, `PUT`,
 //!   `PATCH` and `DELETE` with a body that can be sent again (after a 401 or a 307).
-//!   An absolute URL the registry handed out (an upload `Location`) gets
-//!   `Authorization` only when it is on the registry's own origin.
-//! - Token scopes: the challenge's, or, for a pushing client, the union of the
-//!   challenge's and the scopes the client asks for ([`Client::with_scopes`]).
 //! - One request is one attempt ([`Client::get`]); [`Client::retrying`] repeats
 //!   transient failures under the [`RetryPolicy`].
 
@@ -27,19 +20,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Result};
-use ureq::http::{Method, Uri};
+use ureq::http::Method;
 
-use super::auth::{
-    self, choose_challenge, merge_scopes, parse_token_response, Challenge, Credentials, TokenCache,
-    TokenKey,
+use super::auth::{self, Challenge, Credentials, TokenCache};
+use super::reference::Reference;
+pub use super::request::{
+    header, percent_encode, resolve_location, Answer, Body, Failure, OpenBody, Response, Target,
 };
-use super::reference::{is_loopback_host, Reference};
+use super::request::{Call, SendError, LOG};
 use super::retry::{parse_retry_after, random_u64, RetryPolicy, RetryState};
 use super::transport::{is_certificate_error, Agents, ProxyEnv, TransportOptions};
 use super::RegistryOptions;
 use crate::digest::Digest;
-
-pub type Response = ureq::http::Response<ureq::Body>;
 
 /// Every manifest type we read; GHCR refuses requests that do not list them.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -49,36 +41,7 @@ application/vnd.docker.distribution.manifest.v2+json";
 
 /// Manifests are small; anything bigger is refused (as for local layouts).
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
-const MAX_REDIRECTS: usize = 5;
-const MAX_TOKEN_BYTES: u64 = 1 << 20;
 const MAX_ERROR_BODY: u64 = 16 * 1024;
-
-/// Why one attempt failed.
-#[derive(Debug)]
-pub enum Failure {
-    /// Worth another attempt (connection error, 5xx, 429, truncated body).
-    Transient {
-        message: String,
-        retry_after: Option<Duration>,
-    },
-    /// Not (404, denied, bad content, interrupted…).
-    Fatal(anyhow::Error),
-}
-
-impl Failure {
-    pub fn transient(message: impl Into<String>) -> Failure {
-        Failure::Transient {
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(e: anyhow::Error) -> Self {
-        Failure::Fatal(e)
-    }
-}
 
 /// Reports retries and other notes to the user (progress display or stderr).
 pub type Notify = Arc<dyn Fn(&str) + Send + Sync>;
@@ -96,98 +59,18 @@ pub struct ClientOptions {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Scheme {
+pub(super) enum Scheme {
     Https,
     Http,
 }
 
 impl Scheme {
-    fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Scheme::Https => "https",
             Scheme::Http => "http",
         }
     }
-}
-
-/// What a request sends.
-#[derive(Clone, Copy)]
-pub enum Body<'a> {
-    Empty,
-    Bytes(&'a [u8]),
-    /// `len` bytes from a reader made afresh for every send (a repeat after a 401
-    /// or a 307 needs the body again from its start).
-    Stream {
-        len: u64,
-        open: &'a OpenBody<'a>,
-    },
-}
-
-/// Opens a [`Body::Stream`] from its start.
-pub type OpenBody<'a> = dyn Fn() -> Result<Box<dyn Read + 'a>> + 'a;
-
-/// Where a request goes.
-#[derive(Clone, Copy, Debug)]
-pub enum Target<'a> {
-    /// A path under `/v2/<repository>/`.
-    Repo(&'a str),
-    /// An absolute URL the registry handed out (an upload `Location`).
-    Url(&'a str),
-}
-
-/// A request as the caller describes it, sent as is to every URL a redirect leads to.
-#[derive(Clone, Copy)]
-struct Call<'a, 'b> {
-    method: &'a Method,
-    headers: &'a [(&'a str, String)],
-    body: Body<'b>,
-}
-
-/// A final response and the URL that gave it (a relative `Location` is resolved
-/// against it).
-pub struct Answer {
-    pub response: Response,
-    pub url: Uri,
-}
-
-/// Scheme, host and port: what `Authorization` is bound to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Origin {
-    https: bool,
-    host: String,
-    port: u16,
-}
-
-impl Origin {
-    fn of(uri: &Uri) -> Option<Origin> {
-        let https = match uri.scheme_str()? {
-            s if s.eq_ignore_ascii_case("https") => true,
-            s if s.eq_ignore_ascii_case("http") => false,
-            _ => return None,
-        };
-        let host = uri.host()?.to_ascii_lowercase();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        Some(Origin { https, host, port })
-    }
-}
-
-/// Resolves a `Location` header against the URL that answered.
-pub fn resolve_location(base: &Uri, location: &str) -> Option<String> {
-    let loc = location.trim();
-    if loc.starts_with("http://") || loc.starts_with("https://") {
-        return Some(loc.to_string());
-    }
-    let scheme = base.scheme_str()?;
-    let authority = base.authority()?.as_str();
-    if let Some(rest) = loc.strip_prefix("//") {
-        return Some(format!("{scheme}://{rest}"));
-    }
-    if loc.starts_with('/') {
-        return Some(format!("{scheme}://{authority}{loc}"));
-    }
-    let path = base.path();
-    let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
-    Some(format!("{scheme}://{authority}{dir}{loc}"))
 }
 
 pub use crate::text::printable;
@@ -225,10 +108,6 @@ fn registry_message(body: &[u8]) -> Option<String> {
     (!parts.is_empty()).then(|| printable(parts.join("; "), 300))
 }
 
-pub fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
-    resp.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
 /// A small body (manifest, config, token) fetched in full.
 #[derive(Debug)]
 pub struct Fetched {
@@ -241,25 +120,25 @@ pub struct Fetched {
 /// A client for `reference`'s repository.
 pub struct Client {
     /// As the user named it, for messages.
-    registry: String,
+    pub(super) registry: String,
     /// `host[:port]` serving the API.
-    authority: String,
-    repository: String,
-    allow_http: bool,
-    insecure: bool,
-    scheme: Mutex<Option<Scheme>>,
-    agents: Agents,
-    credentials: Option<Credentials>,
-    credential_source: Option<String>,
-    challenge: Mutex<Option<Challenge>>,
-    tokens: Mutex<TokenCache>,
+    pub(super) authority: String,
+    pub(super) repository: String,
+    pub(super) allow_http: bool,
+    pub(super) insecure: bool,
+    pub(super) scheme: Mutex<Option<Scheme>>,
+    pub(super) agents: Agents,
+    pub(super) credentials: Option<Credentials>,
+    pub(super) credential_source: Option<String>,
+    pub(super) challenge: Mutex<Option<Challenge>>,
+    pub(super) tokens: Mutex<TokenCache>,
     /// Scopes asked for in every token request besides the challenge's (pushes).
-    scopes: Vec<String>,
-    policy: RetryPolicy,
-    cancel: Arc<AtomicBool>,
+    pub(super) scopes: Vec<String>,
+    pub(super) policy: RetryPolicy,
+    pub(super) cancel: Arc<AtomicBool>,
     /// Set when a sibling download failed: the others stop too.
-    aborted: AtomicBool,
-    notify: Notify,
+    pub(super) aborted: AtomicBool,
+    pub(super) notify: Notify,
 }
 
 impl Client {
@@ -304,6 +183,12 @@ impl Client {
             Some((c, s)) => (Some(c), Some(s.to_string())),
             None => (None, None),
         };
+        tracing::debug!(
+            target: LOG,
+            registry = %reference.registry,
+            "credentials: {}",
+            credential_source.as_deref().unwrap_or("none (anonymous)")
+        );
         let agents = Agents::new(&TransportOptions {
             insecure: opts.insecure,
             ca_certs: opts.ca_certs.clone(),
@@ -383,20 +268,6 @@ impl Client {
         }
     }
 
-    /// The scope of a token: the challenge's (or pull on our repository), plus
-    /// the scopes this client asks for.
-    fn token_scope(&self, challenge: Option<&str>) -> String {
-        let base = challenge
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("repository:{}:pull", self.repository));
-        if self.scopes.is_empty() {
-            return base;
-        }
-        let mut all: Vec<&str> = self.scopes.iter().map(String::as_str).collect();
-        all.push(&base);
-        merge_scopes(&all)
-    }
-
     /// `GET /v2/<repository>/<path>`: one attempt, with auth and redirects handled.
     /// Any final status is returned (a 401 only after the credentials we could
     /// offer were refused); the caller interprets it, usually with [`Client::status_failure`].
@@ -451,192 +322,6 @@ impl Client {
             }
             return Ok(answer);
         }
-    }
-
-    /// The `Authorization` value for the next registry request, fetching a token if
-    /// the last challenge asked for one and we hold none that is still valid.
-    fn authorization(&self) -> Result<Option<String>, Failure> {
-        let challenge = self
-            .challenge
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match challenge {
-            None => Ok(None),
-            Some(Challenge::Basic) => Ok(self.credentials.as_ref().map(|c| c.basic_header())),
-            Some(Challenge::Bearer {
-                realm,
-                service,
-                scope,
-            }) => {
-                let key = TokenKey {
-                    realm,
-                    service,
-                    scope: self.token_scope(scope.as_deref()),
-                };
-                let cached = self
-                    .tokens
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&key, Instant::now())
-                    .map(str::to_string);
-                let token = match cached {
-                    Some(t) => t,
-                    None => self.fetch_token(&key)?,
-                };
-                Ok(Some(format!("Bearer {token}")))
-            }
-        }
-    }
-
-    fn on_unauthorized(&self, resp: &Response, sent_auth: bool) -> Result<(), Failure> {
-        let values: Vec<&str> = resp
-            .headers()
-            .get_all("www-authenticate")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let Some(challenge) = choose_challenge(values.iter().copied()) else {
-            return Err(Failure::Fatal(anyhow!(
-                "{}: HTTP 401 without a challenge we can answer (WWW-Authenticate: {})",
-                self.registry,
-                values
-                    .first()
-                    .map(|v| printable(v, 120))
-                    .unwrap_or_else(|| "absent".into())
-            )));
-        };
-        match challenge {
-            Challenge::Basic => {
-                if self.credentials.is_none() {
-                    return Err(Failure::Fatal(anyhow!(
-                        "{} requires a login (HTTP Basic); pass --creds USER:PASSWORD or \
-                         --creds-file FILE, or add it to an auth.json / docker config.json",
-                        self.registry
-                    )));
-                }
-                let was_basic = matches!(
-                    *self.challenge.lock().unwrap_or_else(|e| e.into_inner()),
-                    Some(Challenge::Basic)
-                );
-                if was_basic && sent_auth {
-                    return Err(Failure::Fatal(anyhow!(
-                        "{} rejected the credentials from {}",
-                        self.registry,
-                        self.credential_source
-                            .as_deref()
-                            .unwrap_or("the command line")
-                    )));
-                }
-                *self.challenge.lock().unwrap_or_else(|e| e.into_inner()) = Some(Challenge::Basic);
-                Ok(())
-            }
-            Challenge::Bearer {
-                realm,
-                service,
-                scope,
-            } => {
-                let key = TokenKey {
-                    realm: realm.clone(),
-                    service: service.clone(),
-                    scope: self.token_scope(scope.as_deref()),
-                };
-                self.tokens
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .invalidate(&key);
-                *self.challenge.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(Challenge::Bearer {
-                        realm,
-                        service,
-                        scope: Some(key.scope.clone()),
-                    });
-                self.fetch_token(&key).map(|_| ())
-            }
-        }
-    }
-
-    /// Asks the token realm for a token and caches it.
-    fn fetch_token(&self, key: &TokenKey) -> Result<String, Failure> {
-        let realm: Uri = key.realm.parse().map_err(|_| {
-            Failure::Fatal(anyhow!(
-                "{}: token realm '{}' is not a URL",
-                self.registry,
-                printable(&key.realm, 200)
-            ))
-        })?;
-        let origin = Origin::of(&realm).ok_or_else(|| {
-            Failure::Fatal(anyhow!(
-                "{}: token realm '{}' is not an http(s) URL",
-                self.registry,
-                printable(&key.realm, 200)
-            ))
-        })?;
-        let basic = self.credentials.as_ref().map(|c| c.basic_header());
-        if basic.is_some() && !origin.https && !self.insecure && !is_loopback_host(&origin.host) {
-            return Err(Failure::Fatal(anyhow!(
-                "{}: refusing to send credentials to the plain-HTTP token realm {} (use --insecure to allow)",
-                self.registry,
-                printable(&key.realm, 200)
-            )));
-        }
-        let mut url = key.realm.clone();
-        url.push(if url.contains('?') { '&' } else { '?' });
-        if let Some(s) = &key.service {
-            url.push_str(&format!("service={}&", percent_encode(s)));
-        }
-        // Several scopes (a push that mounts from another repository) are several
-        // `scope` parameters, as docker sends them.
-        let scopes: Vec<String> = key
-            .scope
-            .split(' ')
-            .filter(|s| !s.is_empty())
-            .map(|s| format!("scope={}", percent_encode(s)))
-            .collect();
-        url.push_str(&scopes.join("&"));
-        let who = match &self.credential_source {
-            Some(s) if basic.is_some() => format!("with the credentials from {s}"),
-            _ => "anonymously".to_string(),
-        };
-        let call = Call {
-            method: &Method::GET,
-            headers: &[],
-            body: Body::Empty,
-        };
-        let resp = match self.follow(call, &url, basic.as_deref()) {
-            Ok((a, _)) => a.response,
-            Err(SendError::Transport(e)) => {
-                return Err(self.transport_failure(&e, &format!("token realm {}", key.realm)))
-            }
-            Err(SendError::Failure(f)) => return Err(f),
-        };
-        let status = resp.status().as_u16();
-        match status {
-            200 => {}
-            401 | 403 => {
-                return Err(Failure::Fatal(anyhow!(
-                    "{}: the token service refused access to {} {who} (HTTP {status}){}",
-                    self.registry,
-                    key.scope,
-                    if basic.is_none() {
-                        "; the image may be private: pass --creds or set GITHUB_TOKEN for ghcr.io"
-                    } else {
-                        ""
-                    }
-                )))
-            }
-            _ => return Err(self.status_failure(resp, "token request")),
-        }
-        let (body, _) = read_limited(resp, MAX_TOKEN_BYTES)
-            .map_err(|e| Failure::transient(format!("token response: {e}")))?;
-        let token = parse_token_response(&body)
-            .map_err(|e| Failure::Fatal(e.context(format!("{}: token realm", self.registry))))?;
-        let value = token.value.clone();
-        self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), token, Instant::now());
-        Ok(value)
     }
 
     /// Sends to the registry, choosing (once) between HTTPS and plain HTTP.
@@ -697,49 +382,7 @@ impl Client {
         )))
     }
 
-    /// Sends to a URL the registry handed out. `Authorization` goes along only when
-    /// it is on the registry's own origin; HTTPS → HTTP is refused without `--insecure`.
-    fn send_to_url(
-        &self,
-        call: Call<'_, '_>,
-        url: &str,
-        auth: Option<&str>,
-    ) -> Result<(Answer, bool), Failure> {
-        let fatal = |m: String| Failure::Fatal(anyhow!(m));
-        let scheme = (*self.scheme.lock().unwrap_or_else(|e| e.into_inner()))
-            .ok_or_else(|| fatal(format!("{}: no scheme chosen yet", self.registry)))?;
-        let home = format!("{}://{}/", scheme.as_str(), self.authority)
-            .parse::<Uri>()
-            .ok()
-            .and_then(|u| Origin::of(&u))
-            .ok_or_else(|| fatal(format!("{}: not a valid registry address", self.registry)))?;
-        let origin = url
-            .parse::<Uri>()
-            .ok()
-            .and_then(|u| Origin::of(&u))
-            .ok_or_else(|| {
-                fatal(format!(
-                    "{}: the registry gave an unusable URL {}",
-                    self.registry,
-                    printable(url, 200)
-                ))
-            })?;
-        if home.https && !origin.https && !self.insecure {
-            return Err(fatal(format!(
-                "{}: refusing to continue over plain HTTP at {} (use --insecure to allow)",
-                self.registry,
-                printable(url, 200)
-            )));
-        }
-        let same = origin == home;
-        match self.follow(call, url, auth.filter(|_| same)) {
-            Ok((answer, foreign)) => Ok((answer, foreign || !same)),
-            Err(SendError::Failure(f)) => Err(f),
-            Err(SendError::Transport(e)) => Err(self.transport_failure(&e, &self.registry)),
-        }
-    }
-
-    fn transport_failure(&self, e: &ureq::Error, what: &str) -> Failure {
+    pub(super) fn transport_failure(&self, e: &ureq::Error, what: &str) -> Failure {
         if is_certificate_error(e) {
             // webpki refuses a CA certificate presented as the server's own — what
             // `openssl req -x509` makes by default, and what Go clients accept.
@@ -758,91 +401,6 @@ impl Client {
             }
             _ => Failure::transient(format!("{e}")),
         }
-    }
-
-    /// Sends `method` to `url`, following redirects by hand. `auth` is sent only to
-    /// `url`'s own origin. A request with a body follows only 307/308 (which keep
-    /// the method), opening the body again.
-    fn follow(
-        &self,
-        call: Call<'_, '_>,
-        url: &str,
-        auth: Option<&str>,
-    ) -> Result<(Answer, bool), SendError> {
-        let Call {
-            method,
-            headers,
-            body,
-        } = call;
-        let fatal = |e: anyhow::Error| SendError::Failure(Failure::Fatal(e));
-        let first: Uri = url
-            .parse()
-            .map_err(|_| fatal(anyhow!("invalid URL {}", printable(url, 200))))?;
-        let home = Origin::of(&first).ok_or_else(|| fatal(anyhow!("unsupported URL {url}")))?;
-        let mut uri = first;
-        let mut current = url.to_string();
-        for _ in 0..=MAX_REDIRECTS {
-            let origin = Origin::of(&uri).ok_or_else(|| {
-                fatal(anyhow!(
-                    "unsupported redirect to {}",
-                    printable(&current, 200)
-                ))
-            })?;
-            let same = origin == home;
-            let agent = self
-                .agents
-                .for_target(origin.https, &origin.host, origin.port);
-            let mut req = ureq::http::Request::builder()
-                .method(method.clone())
-                .uri(&current);
-            for (k, v) in headers {
-                req = req.header(*k, v.as_str());
-            }
-            if same {
-                if let Some(a) = auth {
-                    req = req.header("Authorization", a);
-                }
-            }
-            let resp = send_one(agent, req, body, method)?;
-            let status = resp.status().as_u16();
-            if !matches!(status, 301 | 302 | 303 | 307 | 308) {
-                return Ok((
-                    Answer {
-                        response: resp,
-                        url: uri,
-                    },
-                    !same,
-                ));
-            }
-            let keeps_method = matches!(status, 307 | 308);
-            let bodiless = matches!(*method, Method::GET | Method::HEAD);
-            if !bodiless && !keeps_method {
-                return Err(fatal(anyhow!(
-                    "{method} answered with HTTP {status}, a redirect that would drop the request body"
-                )));
-            }
-            let Some(next) = header(&resp, "location").and_then(|l| resolve_location(&uri, l))
-            else {
-                return Err(fatal(anyhow!(
-                    "HTTP {status} redirect without a usable Location"
-                )));
-            };
-            let next_uri: Uri = next.parse().map_err(|_| {
-                fatal(anyhow!(
-                    "redirect to an invalid URL {}",
-                    printable(&next, 200)
-                ))
-            })?;
-            if origin.https && next_uri.scheme_str() == Some("http") && !self.insecure {
-                return Err(fatal(anyhow!(
-                    "refusing a redirect from HTTPS to plain HTTP ({})",
-                    printable(&next, 200)
-                )));
-            }
-            uri = next_uri;
-            current = next;
-        }
-        Err(fatal(anyhow!("more than {MAX_REDIRECTS} redirects")))
     }
 
     /// Turns an unexpected final status into a failure with the registry's message.
@@ -889,6 +447,8 @@ impl Client {
                     retry_after,
                 }) => match state.on_failure(retry_after, Instant::now(), random_u64()) {
                     Some(delay) => {
+                        let attempt = state.failures() + 1;
+                        crate::diag::retry(what, &message, delay, attempt, state.max_attempts());
                         self.notify(&format!(
                             "{what}: {message}; retrying in {:.1} s (attempt {}/{})",
                             delay.as_secs_f64(),
@@ -1012,53 +572,6 @@ pub fn read_limited(resp: Response, max: u64) -> std::io::Result<(Vec<u8>, bool)
     Ok((out, over))
 }
 
-enum SendError {
-    /// The request did not get an HTTP answer.
-    Transport(ureq::Error),
-    Failure(Failure),
-}
-
-/// One request on the wire. An empty body of a method that carries one is sent as
-/// `Content-Length: 0` (some front ends answer 411 otherwise).
-fn send_one(
-    agent: &ureq::Agent,
-    req: ureq::http::request::Builder,
-    body: Body<'_>,
-    method: &Method,
-) -> Result<Response, SendError> {
-    let invalid = |e: ureq::http::Error| {
-        SendError::Failure(Failure::Fatal(anyhow!("cannot build the request: {e}")))
-    };
-    let carries_body = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
-    let result = match body {
-        Body::Empty if carries_body => agent.run(req.body(&[][..]).map_err(invalid)?),
-        Body::Empty => agent.run(req.body(()).map_err(invalid)?),
-        Body::Bytes(b) => agent.run(req.body(b).map_err(invalid)?),
-        Body::Stream { len, open } => {
-            let mut reader = open().map_err(|e| SendError::Failure(Failure::Fatal(e)))?;
-            let req = req
-                .header("Content-Length", len.to_string())
-                .body(ureq::SendBody::from_reader(&mut *reader))
-                .map_err(invalid)?;
-            agent.run(req)
-        }
-    };
-    result.map_err(SendError::Transport)
-}
-
-/// Query-string encoding: unreserved characters kept, everything else `%XX`.
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1071,42 +584,6 @@ mod tests {
             listed,
             [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST]
         );
-    }
-
-    #[test]
-    fn locations() {
-        let base: Uri = "https://reg.example:5000/v2/a/blobs/sha256:x"
-            .parse()
-            .unwrap();
-        assert_eq!(
-            resolve_location(&base, "https://cdn.example/p?sig=1").as_deref(),
-            Some("https://cdn.example/p?sig=1")
-        );
-        assert_eq!(
-            resolve_location(&base, "//cdn.example/p").as_deref(),
-            Some("https://cdn.example/p")
-        );
-        assert_eq!(
-            resolve_location(&base, "/other/path").as_deref(),
-            Some("https://reg.example:5000/other/path")
-        );
-        assert_eq!(
-            resolve_location(&base, "rel").as_deref(),
-            Some("https://reg.example:5000/v2/a/blobs/rel")
-        );
-    }
-
-    #[test]
-    fn origins() {
-        let o = |s: &str| Origin::of(&s.parse::<Uri>().unwrap());
-        assert_eq!(o("https://ghcr.io/v2/"), o("https://GHCR.io:443/x"));
-        assert_ne!(o("https://ghcr.io/"), o("http://ghcr.io/"));
-        assert_ne!(o("http://127.0.0.1:5000/"), o("http://127.0.0.1:5001/"));
-        assert_ne!(
-            o("https://ghcr.io/"),
-            o("https://pkg-containers.githubusercontent.com/")
-        );
-        assert_eq!(o("ftp://x/"), None);
     }
 
     #[test]

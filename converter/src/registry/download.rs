@@ -142,6 +142,8 @@ pub fn ensure_blob(
                 retry_after,
             }) => match state.on_failure(retry_after, Instant::now(), random_u64()) {
                 Some(delay) => {
+                    let (attempt, max) = (state.failures() + 1, state.max_attempts());
+                    crate::diag::retry(label, &message, delay, attempt, max);
                     client.notify(&format!(
                         "{label}: {message}; {} in {:.1} s (attempt {}/{})",
                         if partial.is_empty() {

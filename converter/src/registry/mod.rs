@@ -17,13 +17,17 @@
 //! are read from the cache by the usual flattener.
 
 pub mod auth;
+mod auth_flow;
 pub mod cache;
 pub mod client;
+pub mod credhelper;
 pub mod download;
 pub mod progress;
 pub mod push;
 pub mod push_layout;
+mod redirect;
 pub mod reference;
+mod request;
 pub mod retry;
 pub mod transport;
 

@@ -33,6 +33,8 @@ struct Active {
 pub struct Progress {
     mode: ProgressMode,
     multi: Option<MultiProgress>,
+    /// Log lines (`-v`) are written with the bars suspended while this lives.
+    _logs_suspend_bars: Option<crate::diag::DisplayGuard>,
     active: Mutex<Vec<Arc<Active>>>,
     last_lines: Mutex<Instant>,
     /// "downloaded" or "uploaded", for the line closing each blob.
@@ -43,9 +45,13 @@ impl Progress {
     pub fn new(mode: ProgressMode) -> Progress {
         let multi = (mode == ProgressMode::Bars)
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        let _logs_suspend_bars = multi.clone().map(|m| {
+            crate::diag::register_display(Box::new(move |write: &mut dyn FnMut()| m.suspend(write)))
+        });
         Progress {
             mode,
             multi,
+            _logs_suspend_bars,
             active: Mutex::new(Vec::new()),
             last_lines: Mutex::new(Instant::now()),
             verb: "downloaded",

@@ -6,21 +6,20 @@
 //! the first failure, so a healthy but long download is never cut short while a
 //! registry that keeps failing is given up on with the last error named.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
+
+pub use hakim_netenv::backoff::{random_u64, Backoff};
 
 /// Limits of one retried operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
     /// No new attempt starts later than this after the first failure.
     pub window: Duration,
-    /// First delay; doubles with every failure.
-    pub base: Duration,
-    /// Longest computed delay (a `Retry-After` may ask for more, within `window`).
-    pub max_delay: Duration,
+    /// Delays between attempts (a `Retry-After` may ask for more than its cap, within
+    /// `window`).
+    pub backoff: Backoff,
 }
 
 impl Default for RetryPolicy {
@@ -28,8 +27,13 @@ impl Default for RetryPolicy {
         RetryPolicy {
             max_attempts: 8,
             window: Duration::from_secs(300),
-            base: Duration::from_millis(500),
-            max_delay: Duration::from_secs(30),
+            backoff: Backoff {
+                base: Duration::from_millis(500),
+                cap: Duration::from_secs(30),
+                factor: 2,
+                // Parallel downloads hitting the same 429 must not come back in lockstep.
+                jitter: 0.5,
+            },
         }
     }
 }
@@ -74,12 +78,7 @@ impl RetryState {
         if self.failures >= self.policy.max_attempts {
             return None;
         }
-        let computed = backoff_delay(
-            self.failures - 1,
-            self.policy.base,
-            self.policy.max_delay,
-            random,
-        );
+        let computed = self.policy.backoff.delay_with(self.failures - 1, random);
         let delay = match retry_after {
             Some(ra) => ra.max(computed),
             None => computed,
@@ -92,31 +91,6 @@ impl RetryState {
     }
 }
 
-/// `base * 2^attempt`, capped at `max`, minus a random share of up to half of it
-/// (so parallel downloads hitting the same 429 do not come back in lockstep).
-pub fn backoff_delay(attempt: u32, base: Duration, max: Duration, random: u64) -> Duration {
-    let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-    let delay = base.saturating_mul(factor).min(max);
-    // Top 53 bits as a uniform number in [0, 1).
-    let unit = (random >> 11) as f64 / (1u64 << 53) as f64;
-    let shave = Duration::try_from_secs_f64(delay.as_secs_f64() * 0.5 * unit).unwrap_or_default();
-    delay.saturating_sub(shave)
-}
-
-/// Jitter source: std's per-process random hasher keys, the clock and a counter.
-pub fn random_u64() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = RandomState::new().build_hasher();
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    h.write_u128(nanos);
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.finish()
-}
-
 /// `Retry-After`: delta seconds (`120`) or an HTTP date (`Wed, 21 Oct 2015 07:28:00
 /// GMT`, relative to `now`; a date in the past means no wait). `None` if unparseable.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
@@ -124,54 +98,14 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
         return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
     }
-    let at = parse_http_date(v)?;
-    let now_secs = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
-    Some(Duration::from_secs(at.saturating_sub(now_secs)))
-}
-
-/// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form servers send; seconds
-/// since the epoch.
-fn parse_http_date(s: &str) -> Option<u64> {
-    let (_, rest) = s.split_once(", ")?;
-    let parts: Vec<&str> = rest.split_ascii_whitespace().collect();
-    let [day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    let day: u64 = day.parse().ok()?;
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| m == month)? as u64
-        + 1;
-    let year: u64 = year.parse().ok()?;
-    let hms: Vec<u64> = time
-        .split(':')
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
-    let [h, m, sec] = hms.as_slice() else {
-        return None;
-    };
-    if !(1..=31).contains(&day) || year < 1970 || *h > 23 || *m > 59 || *sec > 60 {
-        return None;
-    }
-    Some(days_from_civil(year, month, day) * 86400 + h * 3600 + m * 60 + sec)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn retry_after_forms() {
@@ -186,14 +120,14 @@ mod tests {
             parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
             Some(Duration::ZERO)
         );
-        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        // The obsolete forms servers may still send (RFC 9110 §5.6.7).
         assert_eq!(
-            parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(1445412480)
+            parse_retry_after("Sunday, 06-Nov-94 08:49:47 GMT", now),
+            Some(Duration::from_secs(10))
         );
         assert_eq!(
-            parse_http_date("Tue, 29 Feb 2000 12:00:00 GMT"),
-            Some(951825600)
+            parse_retry_after("Sun Nov  6 08:49:47 1994", now),
+            Some(Duration::from_secs(10))
         );
         for bad in [
             "",
@@ -211,15 +145,18 @@ mod tests {
         );
     }
 
+    /// The real schedule of registry retries: change it here on purpose or not at all.
     #[test]
-    fn backoff_grows_and_caps() {
-        let base = Duration::from_millis(500);
-        let max = Duration::from_secs(30);
-        assert_eq!(backoff_delay(0, base, max, 0), base);
-        assert_eq!(backoff_delay(3, base, max, 0), Duration::from_secs(4));
-        assert_eq!(backoff_delay(40, base, max, 0), max);
-        // Jitter shaves at most half.
-        let d = backoff_delay(3, base, max, u64::MAX);
+    fn default_schedule() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy.max_attempts, 8);
+        assert_eq!(policy.window, Duration::from_secs(300));
+        let nominal: Vec<u64> = (0..8)
+            .map(|a| policy.backoff.nominal(a).as_millis() as u64)
+            .collect();
+        assert_eq!(nominal, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+        // Jitter shaves at most half, never adds.
+        let d = policy.backoff.delay_with(3, u64::MAX);
         assert!(
             d >= Duration::from_secs(2) && d < Duration::from_secs(4),
             "{d:?}"
@@ -245,8 +182,10 @@ mod tests {
         let policy = RetryPolicy {
             max_attempts: 100,
             window: Duration::from_secs(10),
-            base: Duration::from_secs(1),
-            max_delay: Duration::from_secs(30),
+            backoff: Backoff {
+                base: Duration::from_secs(1),
+                ..RetryPolicy::default().backoff
+            },
         };
         let t = Instant::now();
         let mut s = RetryState::new(policy);
@@ -268,7 +207,10 @@ mod tests {
         let mut s = RetryState::new(policy);
         assert_eq!(s.on_failure(Some(Duration::from_secs(3600)), t, 0), None);
         let policy = RetryPolicy {
-            max_delay: Duration::from_secs(2),
+            backoff: Backoff {
+                cap: Duration::from_secs(2),
+                ..policy.backoff
+            },
             ..policy
         };
         let mut s = RetryState::new(policy);

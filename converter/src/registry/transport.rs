@@ -10,14 +10,14 @@
 //! `NO_PROXY` may treat differently), so there is one agent per route: direct,
 //! through `https_proxy`, through `http_proxy`. Loopback is always direct.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use super::reference::is_loopback_host;
 
-pub use hakim_netenv::{no_proxy_matches, ProxyEnv, SYSTEM_CA_BUNDLES};
+pub use hakim_netenv::{no_proxy_matches, ProxyEnv};
 
 /// How the agents are built.
 #[derive(Clone)]
@@ -44,7 +44,10 @@ pub struct Agents {
 
 impl Agents {
     pub fn new(opts: &TransportOptions) -> Result<Agents> {
-        let roots = root_certs(opts)?;
+        let mut added: Vec<PathBuf> = opts.ssl_cert_file.iter().cloned().collect();
+        added.extend(opts.ca_certs.iter().cloned());
+        let roots =
+            hakim_netenv::ca::root_certs(hakim_netenv::ca::system_bundle().as_deref(), &added)?;
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(roots)
             .disable_verification(opts.insecure)
@@ -115,44 +118,6 @@ impl Agents {
             _ => &self.direct,
         }
     }
-}
-
-/// The system bundle (first found) plus `SSL_CERT_FILE` and `--ca-cert` files. With
-/// no system bundle and nothing added, Mozilla's roots compiled into ureq.
-fn root_certs(opts: &TransportOptions) -> Result<ureq::tls::RootCerts> {
-    let mut files: Vec<PathBuf> = SYSTEM_CA_BUNDLES
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .into_iter()
-        .collect();
-    let system = files.len();
-    files.extend(opts.ssl_cert_file.iter().cloned());
-    files.extend(opts.ca_certs.iter().cloned());
-    if files.is_empty() {
-        return Ok(ureq::tls::RootCerts::WebPki);
-    }
-    let mut certs = Vec::new();
-    for (i, path) in files.iter().enumerate() {
-        let n = load_pem(path, &mut certs)?;
-        // A named CA file with nothing in it is a mistake worth stopping for.
-        if n == 0 && i >= system {
-            bail!("{} contains no PEM certificate", path.display());
-        }
-    }
-    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
-}
-
-fn load_pem(path: &Path, out: &mut Vec<ureq::tls::Certificate<'static>>) -> Result<usize> {
-    let pem =
-        std::fs::read(path).with_context(|| format!("cannot read CA file {}", path.display()))?;
-    let before = out.len();
-    for item in ureq::tls::parse_pem(&pem) {
-        if let Ok(ureq::tls::PemItem::Certificate(c)) = item {
-            out.push(c);
-        }
-    }
-    Ok(out.len() - before)
 }
 
 /// Whether a request failed because the server's certificate is not trusted

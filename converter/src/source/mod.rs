@@ -22,7 +22,7 @@ use anyhow::{bail, Result};
 
 use crate::digest::Digest;
 use crate::layer::LayerDesc;
-use crate::registry::{Reference, RegistryOptions, RegistryStats};
+use crate::registry::{Reference, RegistryOptions};
 
 /// `os/arch[/variant]`, as in `--platform linux/arm64/v8`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -96,6 +96,12 @@ impl Platform {
 /// the start, so the flattener can read every layer twice.
 pub trait BlobStore: Send + Sync {
     fn open_layer(&self, layer: &LayerDesc) -> Result<Box<dyn Read + Send>>;
+
+    /// The blob's size as stored now, where that is cheap to learn (a file):
+    /// pass 2 compares it with the size pass 1 verified instead of hashing again.
+    fn blob_size(&self, _layer: &LayerDesc) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// A store with no blobs (a placeholder while another store is being wrapped).
@@ -182,16 +188,21 @@ impl FromStr for Transport {
 /// with only a warning when a single-platform image is something else). Registry
 /// references use default [`RegistryOptions`].
 pub fn open(reference: &str, platform: Option<&Platform>) -> Result<ResolvedImage> {
-    open_with(reference, platform, &RegistryOptions::default()).map(|(image, _)| image)
+    let (image, downloads) = open_with(reference, platform, &RegistryOptions::default())?;
+    if let Some(downloads) = downloads {
+        downloads.finish()?;
+    }
+    Ok(image)
 }
 
-/// [`open`] with registry options; for a registry reference, also what was
-/// downloaded and what the cache held.
+/// [`open`] with registry options; for a registry reference, the layer downloads,
+/// still running: layers can be read as they arrive, and
+/// [`registry::Downloads::finish`] tells what was downloaded and what the cache held.
 pub fn open_with(
     reference: &str,
     platform: Option<&Platform>,
     registry: &RegistryOptions,
-) -> Result<(ResolvedImage, Option<RegistryStats>)> {
+) -> Result<(ResolvedImage, Option<registry::Downloads>)> {
     let transport: Transport = reference.parse()?;
     let (mut image, stats) = match &transport {
         Transport::OciLayout { dir, tag } => {
@@ -205,8 +216,8 @@ pub fn open_with(
             None,
         ),
         Transport::Registry(r) => {
-            let (image, stats) = registry::open(r, reference, platform, registry)?;
-            (image, Some(stats))
+            let (image, downloads) = registry::open(r, reference, platform, registry)?;
+            (image, Some(downloads))
         }
     };
     image.reference = reference.to_string();

@@ -20,6 +20,10 @@ const REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub trait LayoutFiles: Send + Sync {
     fn read(&self, name: &str, max: u64) -> Result<Vec<u8>>;
     fn open(&self, name: &str) -> Result<Box<dyn Read + Send>>;
+    /// The file's size now, where that is cheap to learn.
+    fn size(&self, _name: &str) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 pub struct DirFiles(pub PathBuf);
@@ -40,6 +44,13 @@ impl LayoutFiles for DirFiles {
         let path = self.0.join(name);
         let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
         Ok(Box::new(file))
+    }
+
+    fn size(&self, name: &str) -> Result<Option<u64>> {
+        let path = self.0.join(name);
+        let meta =
+            std::fs::metadata(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Some(meta.len()))
     }
 }
 
@@ -63,6 +74,13 @@ impl BlobStore for Blobs {
             .as_ref()
             .expect("layout layers are addressed by digest");
         self.0.open(&blob_name(digest))
+    }
+
+    fn blob_size(&self, layer: &LayerDesc) -> Result<Option<u64>> {
+        match &layer.digest {
+            Some(digest) => self.0.size(&blob_name(digest)),
+            None => Ok(None),
+        }
     }
 }
 

@@ -8,12 +8,17 @@
 //! manifest, from `/blobs/` otherwise — verified and cached. A reference pinned by
 //! digest whose content is all cached therefore resolves and converts with the
 //! registry unreachable: no request is made until something is missing.
+//!
+//! Layers download in the background ([`Downloads`]), bottom first: the flattener
+//! opens a layer as soon as its blob is complete and verified in the cache, while
+//! later ones still download.
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -153,9 +158,10 @@ impl JsonBlobs for RegistryJson<'_> {
     }
 }
 
-/// Layers read back from the cache.
+/// Layers read back from the cache, each once its download is complete.
 struct CachedLayers {
     cache: BlobCache,
+    ready: Arc<Ready>,
 }
 
 impl BlobStore for CachedLayers {
@@ -164,6 +170,7 @@ impl BlobStore for CachedLayers {
             .digest
             .as_ref()
             .ok_or_else(|| anyhow!("{}: registry layers are addressed by digest", layer.label()))?;
+        self.ready.wait_for(digest, layer)?;
         let path = self.cache.path(digest);
         let f = File::open(&path).with_context(|| {
             format!(
@@ -173,6 +180,120 @@ impl BlobStore for CachedLayers {
             )
         })?;
         Ok(Box::new(f))
+    }
+
+    fn blob_size(&self, layer: &LayerDesc) -> Result<Option<u64>> {
+        let Some(digest) = &layer.digest else {
+            return Ok(None);
+        };
+        let path = self.cache.path(digest);
+        let meta = std::fs::metadata(&path).with_context(|| {
+            format!(
+                "{}: cannot open cached blob {}",
+                layer.label(),
+                path.display()
+            )
+        })?;
+        Ok(Some(meta.len()))
+    }
+}
+
+/// Which layer blobs are complete in the cache; how the downloads ended.
+#[derive(Default)]
+struct Ready {
+    state: Mutex<ReadyState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ReadyState {
+    done: HashSet<Digest>,
+    /// The downloads stopped: every blob is in, or `failure` says why not.
+    over: bool,
+    failure: Option<String>,
+}
+
+impl Ready {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadyState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn complete(&self, digest: &Digest) {
+        self.lock().done.insert(digest.clone());
+        self.changed.notify_all();
+    }
+
+    fn end(&self, failure: Option<String>) {
+        let mut s = self.lock();
+        s.over = true;
+        s.failure = failure;
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Blocks until `digest` is in the cache; an error when its download failed.
+    fn wait_for(&self, digest: &Digest, layer: &LayerDesc) -> Result<()> {
+        let mut s = self.lock();
+        loop {
+            if s.done.contains(digest) {
+                return Ok(());
+            }
+            if s.over {
+                return Err(match &s.failure {
+                    Some(why) => anyhow!("{}: not downloaded: {why}", layer.label()),
+                    None => anyhow!("{}: not among the downloaded layers", layer.label()),
+                });
+            }
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// The layer downloads of one image, running in the background. Dropping it
+/// before [`Downloads::finish`] stops them.
+pub struct Downloads {
+    ready: Arc<Ready>,
+    client: Arc<Client>,
+    counters: Arc<Counters>,
+    progress: Arc<Progress>,
+    registry: String,
+    worker: Mutex<Option<JoinHandle<Result<()>>>>,
+}
+
+impl Downloads {
+    /// Waits for every download; what was fetched and reused, or the first failure.
+    pub fn finish(&self) -> Result<RegistryStats> {
+        let worker = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(worker) = worker {
+            worker
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("the download thread panicked")))?;
+            let stats = self.counters.snapshot();
+            self.progress.summary(&format!(
+                "{}: {} blobs downloaded ({}), {} reused from the cache ({})",
+                self.registry,
+                stats.blobs_downloaded,
+                HumanBytes(stats.bytes_downloaded),
+                stats.blobs_reused,
+                HumanBytes(stats.bytes_reused)
+            ));
+        }
+        Ok(self.counters.snapshot())
+    }
+}
+
+impl Drop for Downloads {
+    fn drop(&mut self) {
+        let worker = self
+            .worker
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(worker) = worker {
+            self.client.abort();
+            let _ = worker.join();
+        }
+        self.ready.end(Some("the conversion stopped".into()));
     }
 }
 
@@ -190,10 +311,10 @@ fn env(k: &str) -> Option<String> {
 pub struct RemoteImage {
     reference: Reference,
     display: String,
-    client: Client,
+    client: Arc<Client>,
     cache: BlobCache,
     progress: Arc<Progress>,
-    counters: Counters,
+    counters: Arc<Counters>,
     resolved: manifest::Resolved,
     warnings: Vec<String>,
     jobs: usize,
@@ -215,8 +336,11 @@ impl RemoteImage {
         self.counters.snapshot()
     }
 
-    /// Downloads the layers not yet cached (`jobs` at a time) and hands over the image.
-    pub fn download(self) -> Result<(ResolvedImage, RegistryStats)> {
+    /// Starts downloading the layers not yet cached (`jobs` at a time, bottom
+    /// first) and hands over the image at once: its blob store opens each layer
+    /// as soon as that layer is in the cache. [`Downloads::finish`] waits for
+    /// the rest and tells what was fetched.
+    pub fn download(self) -> Result<(ResolvedImage, Downloads)> {
         let RemoteImage {
             reference,
             display,
@@ -228,24 +352,43 @@ impl RemoteImage {
             warnings,
             jobs,
         } = self;
-        download_layers(
-            &client,
-            &cache,
-            &resolved.layers,
-            jobs,
-            &progress,
-            &counters,
-        )
-        .with_context(|| display.clone())?;
-        let stats = counters.snapshot();
-        progress.summary(&format!(
-            "{}: {} blobs downloaded ({}), {} reused from the cache ({})",
-            reference.registry,
-            stats.blobs_downloaded,
-            HumanBytes(stats.bytes_downloaded),
-            stats.blobs_reused,
-            HumanBytes(stats.bytes_reused)
-        ));
+        let ready = Arc::new(Ready::default());
+        let worker = {
+            let (client, cache, progress, counters, ready) = (
+                client.clone(),
+                cache.clone(),
+                progress.clone(),
+                counters.clone(),
+                ready.clone(),
+            );
+            let layers = resolved.layers.clone();
+            let display = display.clone();
+            std::thread::Builder::new()
+                .name("layer downloads".into())
+                .spawn(move || {
+                    let result = download_layers(
+                        &client,
+                        &cache,
+                        &layers,
+                        jobs,
+                        &progress,
+                        &counters,
+                        &|d| ready.complete(d),
+                    )
+                    .with_context(|| display.clone());
+                    ready.end(result.as_ref().err().map(|e| format!("{e:#}")));
+                    result
+                })
+                .context("cannot start the layer downloads")?
+        };
+        let downloads = Downloads {
+            ready: ready.clone(),
+            client,
+            counters,
+            progress,
+            registry: reference.registry.clone(),
+            worker: Mutex::new(Some(worker)),
+        };
         let image = ResolvedImage {
             reference: display,
             repository: Some(reference.basename().to_string()),
@@ -256,20 +399,20 @@ impl RemoteImage {
             config: resolved.config,
             platform: resolved.platform,
             layers: resolved.layers,
-            blobs: Box::new(CachedLayers { cache }),
+            blobs: Box::new(CachedLayers { cache, ready }),
             warnings,
         };
-        Ok((image, stats))
+        Ok((image, downloads))
     }
 }
 
-/// Resolves `reference` for `platform` and makes sure every layer is cached.
+/// Resolves `reference` for `platform` and starts downloading its layers.
 pub fn open(
     reference: &Reference,
     display: &str,
     platform: Option<&Platform>,
     opts: &RegistryOptions,
-) -> Result<(ResolvedImage, RegistryStats)> {
+) -> Result<(ResolvedImage, Downloads)> {
     resolve(reference, display, platform, opts)?.download()
 }
 
@@ -299,7 +442,7 @@ pub fn resolve(
         Arc::new(move |m: &str| notify_progress.note(m)),
     )?;
     warnings.extend(credential_warnings);
-    let counters = Counters::default();
+    let counters = Arc::new(Counters::default());
 
     // The top-level manifest: by digest from the cache when possible; by tag always
     // from the registry (tags move), then kept in the cache under its digest.
@@ -378,7 +521,7 @@ pub fn resolve(
     Ok(RemoteImage {
         reference: reference.clone(),
         display: display.to_string(),
-        client,
+        client: Arc::new(client),
         cache,
         progress,
         counters,
@@ -389,7 +532,8 @@ pub fn resolve(
 }
 
 /// Downloads every distinct layer not yet cached, `jobs` at a time, bottom layers
-/// first. The first failure stops the other downloads and is the error returned.
+/// first, calling `on_ready` for each blob once it is in the cache. The first
+/// failure stops the other downloads and is the error returned.
 fn download_layers(
     client: &Client,
     cache: &BlobCache,
@@ -397,6 +541,7 @@ fn download_layers(
     jobs: usize,
     progress: &Progress,
     counters: &Counters,
+    on_ready: &(dyn Fn(&Digest) + Sync),
 ) -> Result<()> {
     let mut seen = HashSet::new();
     let mut work = Vec::new();
@@ -425,6 +570,7 @@ fn download_layers(
                 };
                 if cache.lookup(digest, Some(*size)).is_some() {
                     counters.reused(*size);
+                    on_ready(digest);
                     continue;
                 }
                 let short = format!("layer {}/{total} sha256:{}…", index + 1, digest.short());
@@ -434,8 +580,14 @@ fn download_layers(
                 let result = download::ensure_blob(client, cache, digest, *size, &label, &bar);
                 bar.finish(result.is_ok(), started.elapsed().as_secs_f64());
                 match result {
-                    Ok(o) if o.reused => counters.reused(*size),
-                    Ok(o) => counters.downloaded(o.network_bytes),
+                    Ok(o) if o.reused => {
+                        counters.reused(*size);
+                        on_ready(digest);
+                    }
+                    Ok(o) => {
+                        counters.downloaded(o.network_bytes);
+                        on_ready(digest);
+                    }
                     Err(e) => {
                         let mut f = failure.lock().unwrap_or_else(|e| e.into_inner());
                         if f.is_none() {

@@ -10,6 +10,7 @@ use hakim_convert::convert::{convert, ConvertOptions, Summary};
 use hakim_convert::sample::{write_oci_layout, SampleLayer};
 
 pub mod fuzz_seeds;
+pub mod images;
 
 pub struct Fixture {
     pub dir: tempfile::TempDir,

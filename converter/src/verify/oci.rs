@@ -1,238 +1,27 @@
-//! `hakim-convert verify`: checks an artifact against every rule Proxmox's
-//! importers are known to apply (docs/proxmox.md), so a broken template is caught
-//! here rather than by `pct create`.
-//!
-//! Rootfs templates are read as GNU tar with Proxmox's flags would read them;
-//! OCI archives as `proxmox-oci` reads them: member names, index shape, media
-//! types, config fields, every digest, size and diff_id. The rules that depend
-//! on the image (ids, `/sbin/init`, os-release, Entrypoint, …) come from
-//! [`crate::acceptance`], which `convert` applies to what it writes.
+//! The rules of an OCI archive, read as `proxmox-oci` reads it: member names, the
+//! index's shape, media types, config fields, and every digest, size and diff_id.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+use crate::acceptance::Status;
 use crate::acceptance::{config_checks, Member, MemberRules, Offenders, Stream};
-pub use crate::acceptance::{Check, Status, PVE_KNOWN_OS_IDS};
 use crate::digest::Digest;
-use crate::layer::{self, Compression, MemberKind};
+use crate::layer::{self, Compression};
 use crate::ociout::{CONFIG_TYPE, INDEX_TYPE, LAYER_GZIP, LAYER_ZSTD, MANIFEST_TYPE};
-use crate::output;
 use crate::source::tar_index::TarIndex;
-use crate::text::{printable, NAME_SHOWN};
+
+use super::checks::{lossy, Checks};
 
 const LAYER_PLAIN: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Largest JSON document (index, manifest, config) read into memory.
 const MAX_JSON: u64 = 4 << 20;
 
-#[derive(Debug, serde::Serialize)]
-pub struct Report {
-    pub artifact: String,
-    /// `rootfs` or `oci-archive`.
-    pub kind: &'static str,
-    pub checks: Vec<Check>,
-}
-
-impl Report {
-    pub fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.status != Status::Fail)
-    }
-    pub fn failures(&self) -> impl Iterator<Item = &Check> {
-        self.checks.iter().filter(|c| c.status == Status::Fail)
-    }
-}
-
-/// Collects checks; a rule with offending examples fails (or warns).
-#[derive(Default)]
-struct Checks(Vec<Check>);
-
-impl Checks {
-    fn add(&mut self, rule: &str, status: Status, detail: impl Into<String>) {
-        self.0.push(Check::plain(rule, status, detail));
-    }
-    fn pass(&mut self, rule: &str, detail: impl Into<String>) {
-        self.add(rule, Status::Pass, detail);
-    }
-    fn fail(&mut self, rule: &str, detail: impl Into<String>) {
-        self.add(rule, Status::Fail, detail);
-    }
-    fn warn(&mut self, rule: &str, detail: impl Into<String>) {
-        self.add(rule, Status::Warn, detail);
-    }
-    /// Pass when `bad` is empty, else `status` listing a few examples.
-    fn rule(&mut self, rule: &str, bad: &Offenders, status: Status) {
-        match bad.problem() {
-            None => self.pass(rule, ""),
-            Some(detail) => self.add(rule, status, detail),
-        }
-    }
-}
-
-fn lossy(b: &[u8]) -> String {
-    printable(b, NAME_SHOWN)
-}
-
-/// Verifies `path`, telling the kind from its content. An error (a missing
-/// file, a directory, an archive too broken to tell its kind) names `path`.
-pub fn verify(path: &Path) -> Result<Report> {
-    verify_file(path).with_context(|| format!("cannot verify {}", path.display()))
-}
-
-fn verify_file(path: &Path) -> Result<Report> {
-    let mut file = File::open(path)?;
-    if file.metadata()?.is_dir() {
-        anyhow::bail!("it is a directory, not an artifact file");
-    }
-    let mut head = [0u8; 512];
-    let n = read_up_to(&mut file, &mut head)?;
-    let compression = Compression::sniff(&head[..n]);
-    let is_oci = compression == Compression::Plain && n == 512 && {
-        // An OCI archive's members have no `./` prefix and include `oci-layout`
-        // or `index.json` or `blobs/`; the first header tells which kind this is.
-        let name = &head[..100];
-        let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(100)];
-        // A `./`-prefixed OCI archive is still reported as one (and fails the
-        // member-name rule) rather than as a broken rootfs.
-        let name = name.strip_prefix(b"./").unwrap_or(name);
-        name == b"oci-layout" || name == b"index.json" || name.starts_with(b"blobs/")
-    };
-    let mut checks = Checks::default();
-    let kind = if is_oci {
-        verify_oci(path, &mut checks)?;
-        "oci-archive"
-    } else {
-        verify_rootfs(path, &mut checks)?;
-        "rootfs"
-    };
-    check_sums(path, &mut checks)?;
-    Ok(Report {
-        artifact: path.display().to_string(),
-        kind,
-        checks: checks.0,
-    })
-}
-
-fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
-}
-
-/// `sha256sums.txt` next to the artifact must list it with the right hash.
-fn check_sums(path: &Path, checks: &mut Checks) -> Result<()> {
-    const RULE: &str = "sha256sums.txt lists the artifact with its hash";
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let sums = path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("sha256sums.txt");
-    let text = match std::fs::read_to_string(&sums) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            checks.warn(RULE, "no sha256sums.txt next to the artifact");
-            return Ok(());
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", sums.display())),
-    };
-    let listed: Vec<&str> = text
-        .lines()
-        .filter_map(|l| {
-            let (hash, file) = l.split_once(char::is_whitespace)?;
-            (file.trim_start().trim_start_matches('*') == name).then_some(hash)
-        })
-        .collect();
-    let file = File::open(path)?;
-    let (actual, _) = output::hash_file(&file)?;
-    match listed.as_slice() {
-        [] => checks.fail(RULE, format!("{name} is not listed")),
-        [hash] if *hash == actual => checks.pass(RULE, ""),
-        [hash] => checks.fail(
-            RULE,
-            format!("listed as {hash}, but the file hashes to {actual}"),
-        ),
-        _ => checks.fail(RULE, format!("{name} is listed more than once")),
-    }
-    Ok(())
-}
-
-fn verify_rootfs(path: &Path, checks: &mut Checks) -> Result<()> {
-    let file = File::open(path)?;
-    let mut ignored = Vec::new();
-    let mut unparsable = Offenders::default();
-    let mut rules = MemberRules::new(Stream::Rootfs);
-    let mut os_release: Option<(bool, Vec<u8>)> = None;
-    let walked = layer::walk_tar(
-        Box::new(file),
-        None,
-        &path.display().to_string(),
-        &mut ignored,
-        |ordinal, entry, raw| {
-            let member = match layer::parse_member(entry, raw) {
-                Ok(m) => m,
-                Err(e) => {
-                    unparsable.add(|| format!("#{ordinal}: {e:#}"));
-                    return Ok(());
-                }
-            };
-            if let MemberKind::File { size, .. } = member.kind {
-                // /etc/os-release wins over /usr/lib/os-release, as in Proxmox.
-                let name = member.path.to_bytes();
-                let etc = name == b"etc/os-release";
-                if (etc || name == b"usr/lib/os-release")
-                    && size <= 64 << 10
-                    && !os_release.as_ref().is_some_and(|(was_etc, _)| *was_etc)
-                {
-                    let mut text = Vec::new();
-                    entry.read_to_end(&mut text)?;
-                    os_release = Some((etc, text));
-                }
-            }
-            rules.observe(Member::from_parsed(&member));
-            Ok(())
-        },
-    );
-    let walked = match walked {
-        Ok(w) => w,
-        Err(e) => {
-            checks.fail(
-                "the archive decompresses and reads to its end",
-                format!("{e:#}"),
-            );
-            return Ok(());
-        }
-    };
-    checks.pass(
-        "the archive decompresses and reads to its end",
-        format!(
-            "{:?}, {} members, {} bytes of tar",
-            walked.compression, walked.members, walked.uncompressed_bytes
-        ),
-    );
-    if walked.compression == Compression::Plain && path.extension().is_some_and(|e| e != "tar") {
-        checks.warn(
-            "the compression matches the file name",
-            "uncompressed tar under a compressed name",
-        );
-    }
-    checks.rule("every member parses", &unparsable, Status::Fail);
-    checks
-        .0
-        .extend(rules.finish(os_release.as_ref().map(|(_, t)| &t[..])));
-    Ok(())
-}
-
-fn verify_oci(path: &Path, checks: &mut Checks) -> Result<()> {
+pub(super) fn verify_oci(path: &Path, checks: &mut Checks) -> Result<()> {
     const NAMES: &str = "members are oci-layout, index.json and blobs/sha256/<hex> (no ./ prefix)";
     // Names exactly as stored (TarIndex normalises them).
     const READS: &str = "the archive reads to its end";

@@ -1,7 +1,7 @@
-//! Untrusted text in messages: member names, link targets and server replies
-//! may hold NUL bytes, terminal escapes, bytes that are not UTF-8 or kilobytes
-//! of name. [`printable`] is the one way they reach an error, a warning or a
-//! report.
+//! Untrusted text in messages, for both binaries: member names, link targets, server
+//! replies and a downloaded program's output may hold NUL bytes, terminal escapes, bytes
+//! that are not UTF-8 or kilobytes of name. [`printable`] is the one way they reach an
+//! error, a warning or a report.
 
 use std::fmt::Write as _;
 
@@ -18,7 +18,9 @@ fn reorders(c: char) -> bool {
 /// Control characters are escaped (`\0`, `\t`, `\n`, `\r`, `\x1b`, `\u{85}`),
 /// and so are direction overrides (`\u{202e}`) and bytes that are not UTF-8
 /// (`\xff`); the rest is shown as is. Past `max` characters the text is cut
-/// and ends with `…` and its full length in bytes.
+/// and ends with `…` and its full length in bytes. Nothing is trimmed (a name's
+/// leading or trailing space is part of it): a caller showing a line of output trims
+/// the line first.
 pub fn printable(text: impl AsRef<[u8]>, max: usize) -> String {
     let bytes = text.as_ref();
     let mut out = String::new();
@@ -88,5 +90,11 @@ mod tests {
         // An escape is never split.
         assert_eq!(printable(b"ab\0\0", 3), "ab… (4 bytes)");
         assert_eq!(printable("", 3), "");
+    }
+
+    #[test]
+    fn keeps_surrounding_spaces() {
+        assert_eq!(printable(" name ", 10), " name ");
+        assert_eq!(printable("\tx\n", 10), "\\tx\\n");
     }
 }
