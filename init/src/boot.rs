@@ -11,9 +11,9 @@ use nix::sys::signal::SigSet;
 use crate::env::{self, Env};
 use crate::services::{self, Restart};
 use crate::session;
-use crate::spawn::Ids;
 use crate::supervisor::{log, warn, Ending, Supervisor, UnitSpec};
 use crate::sys::{RealSys, Syscall};
+use crate::workspace::{self, WorkspaceUser};
 
 const USAGE: &str = "usage: hakim-init [-- COMMAND [ARGS...]]
   Without a command: set up the workspace, run the declared services and the
@@ -169,7 +169,7 @@ pub fn run(args: &[String]) -> i32 {
                 env.extend(exports.iter().cloned());
                 (Some(u.ids()), env)
             }
-            _ => (resolve_ids(&s.user, &user), public_env.clone()),
+            _ => (workspace::resolve_ids(&s.user, &user), public_env.clone()),
         };
         env.extend(s.env.iter().cloned());
         if s.session {
@@ -241,39 +241,6 @@ pub fn run(args: &[String]) -> i32 {
     }
 }
 
-/// The workspace user as set up (or found).
-#[derive(Debug, Clone)]
-pub struct WorkspaceUser {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-    pub home: PathBuf,
-    pub shell: String,
-    pub project_dir: PathBuf,
-}
-
-impl WorkspaceUser {
-    /// Who the agent and the session services run as.
-    pub fn ids(&self) -> Ids {
-        Ids {
-            uid: self.uid,
-            gid: self.gid,
-            groups: self.groups.clone(),
-        }
-    }
-}
-
-fn resolve_ids(user: &str, ws: &Option<WorkspaceUser>) -> Option<Ids> {
-    if user == "root" {
-        return None;
-    }
-    match ws {
-        Some(w) if w.name == user => Some(w.ids()),
-        _ => crate::agent::lookup_user(user),
-    }
-}
-
 /// A session service's `seed` files, written as the user where nothing is yet.
 fn seed_files(s: &services::Service, user: &WorkspaceUser) {
     for seed in &s.seeds {
@@ -295,7 +262,7 @@ fn prepare_workspace(
 ) -> Option<WorkspaceUser> {
     if is_pid1 {
         // Invalid ids fall back to their defaults; prepare_user logs why.
-        let (uid, gid, _) = crate::agent::user_ids(env);
+        let (uid, gid, _) = workspace::user_ids(env);
         for note in crate::mounts::ensure_mounts(sys, daemon.then_some((uid, gid))) {
             log(note);
         }
@@ -309,7 +276,7 @@ fn prepare_workspace(
         // Plain command mode (Docker, devcontainers): no workspace to prepare.
         return None;
     }
-    crate::agent::prepare_user(env)
+    workspace::prepare_user(env)
 }
 
 /// An empty or missing /etc/machine-id gets 32 random hex digits (dbus and

@@ -19,3 +19,4 @@ pub mod spawn;
 pub mod supervisor;
 pub mod sys;
 pub mod users;
+pub mod workspace;

@@ -13,8 +13,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::boot::WorkspaceUser;
 use crate::env::{truthy, Env};
+use crate::workspace::WorkspaceUser;
 
 /// `HAKIM_USER_SESSION`: unset, empty or truthy runs the session services; anything
 /// else (`0`, `false`) turns them off.
