@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, killpg, SigSet, Signal};
+use nix::sys::signal::SigSet;
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::services::{Ready, Restart};
-use crate::spawn::{spawn, Ids};
+use crate::spawn::Ids;
+use crate::sys::{Host, RealHost};
 
 /// SIGRTMIN+3 as the kernel numbers it (glibc's SIGRTMIN is 34, not 32).
 pub const SIGRTMIN_3: i32 = 37;
@@ -69,14 +69,15 @@ pub fn warn(msg: impl AsRef<str>) {
 
 /// Exponential backoff (`base·2^attempt`, capped at `max`), each delay up to 20 % shorter
 /// at random so restarting units do not fall into step.
-pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+/// `random` is the jitter's source (the host's).
+pub fn backoff(attempt: u32, base: Duration, max: Duration, random: u64) -> Duration {
     let schedule = hakim_netenv::backoff::Backoff {
         base,
         cap: max,
         factor: 2,
         jitter: 0.2,
     };
-    schedule.delay(attempt)
+    schedule.delay_with(attempt, random)
 }
 
 /// Produces the agent unit once its configuration is usable: `Ok(None)` means
@@ -183,6 +184,8 @@ struct Output {
 }
 
 pub struct Supervisor {
+    /// Every process and clock call goes through here.
+    host: Box<dyn Host>,
     is_pid1: bool,
     units: Vec<Unit>,
     /// Index of the agent unit, if there is one.
@@ -207,7 +210,14 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(is_pid1: bool) -> Self {
+        Supervisor::with_host(is_pid1, Box::new(RealHost))
+    }
+
+    /// A supervisor whose process and clock calls go to `host` (a fake in unit tests).
+    pub fn with_host(is_pid1: bool, host: Box<dyn Host>) -> Self {
+        let now = host.now();
         Supervisor {
+            host,
             is_pid1,
             units: Vec::new(),
             agent: None,
@@ -218,14 +228,14 @@ impl Supervisor {
             final_grace: Duration::from_secs(3),
             agent_waits_for: Vec::new(),
             agent_source: None,
-            next_agent_check: Instant::now(),
+            next_agent_check: now,
             agent_recheck: Duration::from_secs(60),
             main_deadline: None,
         }
     }
 
     fn push(&mut self, spec: UnitSpec) -> usize {
-        let now = Instant::now();
+        let now = self.host.now();
         self.units.push(Unit {
             spec,
             phase: Phase::Waiting,
@@ -259,7 +269,7 @@ impl Supervisor {
             cfg: fetch,
             pid: None,
             attempts: 0,
-            next: Instant::now(),
+            next: self.host.now(),
             first_failure: None,
             have: None,
             on_fallback: false,
@@ -289,7 +299,7 @@ impl Supervisor {
             }
         };
         loop {
-            let now = Instant::now();
+            let now = self.host.now();
             self.tick(now);
             if let Some(ending) = self.finished() {
                 self.drain_outputs();
@@ -297,7 +307,7 @@ impl Supervisor {
             }
             let wait = self
                 .next_wakeup(now)
-                .saturating_duration_since(Instant::now())
+                .saturating_duration_since(self.host.now())
                 .min(Duration::from_secs(1));
             let ready = {
                 let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
@@ -357,7 +367,7 @@ impl Supervisor {
             {
                 if let Some(m) = self.main {
                     if let Some(pid) = self.units[m].pid {
-                        let _ = kill(pid, Signal::try_from(sig).ok());
+                        self.host.kill(pid, sig);
                         // SIGTERM (docker stop, PVE application containers) and SIGINT
                         // (Ctrl-C, lxc-stop -r) are stop requests: the command may handle
                         // them as it likes, but within its grace (HAKIM_STOP_GRACE), as
@@ -368,7 +378,7 @@ impl Supervisor {
                             && self.main_deadline.is_none()
                         {
                             self.main_deadline =
-                                Some((Instant::now() + self.units[m].spec.stop_grace, sig));
+                                Some((self.host.now() + self.units[m].spec.stop_grace, sig));
                         }
                     }
                 }
@@ -388,7 +398,7 @@ impl Supervisor {
             libc::SIGHUP | libc::SIGUSR1 | libc::SIGUSR2 | libc::SIGWINCH | libc::SIGQUIT => {
                 for u in &self.units {
                     if let Some(pid) = u.pid {
-                        let _ = killpg(pid, Signal::try_from(sig).ok());
+                        self.host.killpg(pid, sig);
                     }
                 }
             }
@@ -425,7 +435,7 @@ impl Supervisor {
         }
         if let Some(f) = &self.fetch {
             if let Some(pid) = f.pid {
-                let _ = killpg(pid, Signal::SIGKILL);
+                self.host.killpg(pid, libc::SIGKILL);
             }
         }
         self.stopping = Some(Stopping {
@@ -438,18 +448,13 @@ impl Supervisor {
 
     /// Collects every exited child; nothing else in the process calls wait.
     fn reap(&mut self) {
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid, code),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => self.on_exit(pid, 128 + sig as i32),
-                Ok(_) => {}
-            }
+        while let Some((pid, status)) = self.host.reap() {
+            self.on_exit(pid, status);
         }
     }
 
     fn on_exit(&mut self, pid: Pid, status: i32) {
-        let now = Instant::now();
+        let now = self.host.now();
         if let Some(f) = &mut self.fetch {
             if f.pid == Some(pid) {
                 f.pid = None;
@@ -468,7 +473,8 @@ impl Supervisor {
                     f.first_failure = None;
                 } else {
                     f.first_failure.get_or_insert(now);
-                    let delay = crate::fetch::AGENT_FETCH_BACKOFF.delay(f.attempts);
+                    let delay = crate::fetch::AGENT_FETCH_BACKOFF
+                        .delay_with(f.attempts, self.host.random());
                     f.attempts += 1;
                     f.next = now + delay;
                     log(format!(
@@ -531,7 +537,12 @@ impl Supervisor {
             if up >= Duration::from_secs(600) {
                 u.failures = 0;
             }
-            let delay = backoff(u.failures, Duration::from_secs(1), u.spec.backoff_max);
+            let delay = backoff(
+                u.failures,
+                Duration::from_secs(1),
+                u.spec.backoff_max,
+                self.host.random(),
+            );
             u.failures += 1;
             u.next_start = now + delay;
             u.phase = Phase::Backoff;
@@ -557,7 +568,7 @@ impl Supervisor {
 
     fn start(&mut self, i: usize, now: Instant) {
         let u = &mut self.units[i];
-        if let Some(missing) = u.spec.requires.iter().find(|p| !p.exists()) {
+        if let Some(missing) = u.spec.requires.iter().find(|p| !self.host.exists(p)) {
             log(format!(
                 "{}: not started, {} is missing",
                 u.spec.name,
@@ -598,7 +609,10 @@ impl Supervisor {
             }
         }
         let spec = &self.units[i].spec;
-        match spawn(&argv, &spec.env, &spec.cwd, spec.ids.as_ref(), spec.capture) {
+        match self
+            .host
+            .spawn(&argv, &spec.env, &spec.cwd, spec.ids.as_ref(), spec.capture)
+        {
             Ok(s) => {
                 log(format!("started {} (pid {})", spec.name, s.pid));
                 if let Some(fd) = s.output {
@@ -647,7 +661,12 @@ impl Supervisor {
                 let timeout = u.spec.ready.as_ref().map_or(0, |r| r.timeout);
                 u.ready_deadline
                     .get_or_insert(now + Duration::from_secs(timeout));
-                let delay = backoff(u.failures, Duration::from_secs(1), u.spec.backoff_max);
+                let delay = backoff(
+                    u.failures,
+                    Duration::from_secs(1),
+                    u.spec.backoff_max,
+                    self.host.random(),
+                );
                 u.failures += 1;
                 u.next_start = now + delay;
                 u.phase = if u.spec.restart == Restart::Never {
@@ -688,7 +707,7 @@ impl Supervisor {
         u.next_probe = now + Duration::from_millis(200);
         let mut ok = false;
         if let Some(p) = &ready.path {
-            ok |= std::path::Path::new(p).exists();
+            ok |= self.host.exists(std::path::Path::new(p));
         }
         if let Some(addr) = &ready.tcp {
             use std::net::ToSocketAddrs;
@@ -706,7 +725,10 @@ impl Supervisor {
             return;
         }
         if let Some(cmd) = ready.command.as_ref().filter(|c| !c.is_empty()) {
-            if let Ok(s) = spawn(cmd, &u.spec.env, &u.spec.cwd, u.spec.ids.as_ref(), false) {
+            if let Ok(s) =
+                self.host
+                    .spawn(cmd, &u.spec.env, &u.spec.cwd, u.spec.ids.as_ref(), false)
+            {
                 u.probe = Some(s.pid);
             }
         }
@@ -767,7 +789,7 @@ impl Supervisor {
                 u.spec.name,
                 u.spec.oneshot.unwrap_or_default().as_secs_f64()
             ));
-            let _ = killpg(pid, Signal::SIGKILL);
+            self.host.killpg(pid, libc::SIGKILL);
             u.oneshot_deadline = Some((deadline, true));
         }
     }
@@ -791,7 +813,7 @@ impl Supervisor {
             ));
             // Its whole process group, as the stop sequence does: the command's own
             // children must not outlive it. Its exit (128+9) then ends the container.
-            let _ = killpg(pid, Signal::SIGKILL);
+            self.host.killpg(pid, libc::SIGKILL);
         }
     }
 
@@ -801,7 +823,7 @@ impl Supervisor {
         if f.pid.is_none() && (f.have.is_none() || f.on_fallback) && now >= f.next {
             remove_partial_downloads(&f.cfg.dest);
             // Not captured: the child's lines already say `hakim-init: fetch:`.
-            match spawn(
+            match self.host.spawn(
                 &f.cfg.argv,
                 &f.cfg.env,
                 std::path::Path::new("/"),
@@ -831,7 +853,7 @@ impl Supervisor {
         // Downloads keep failing: run the binary baked into the image meanwhile.
         if f.have.is_none() && !agent_running {
             if let (Some(first), Some(fallback)) = (f.first_failure, &f.cfg.fallback) {
-                if now - first >= f.cfg.fallback_after && fallback.exists() {
+                if now - first >= f.cfg.fallback_after && self.host.exists(fallback) {
                     log(format!(
                         "agent download failing for {} s; using {}",
                         (now - first).as_secs(),
@@ -862,7 +884,7 @@ impl Supervisor {
                         u.spec.stop_grace.as_secs_f64()
                     ));
                     if let Some(pid) = u.pid {
-                        let _ = killpg(pid, Signal::SIGKILL);
+                        self.host.killpg(pid, libc::SIGKILL);
                     }
                     st.current = Some((i, now + Duration::from_secs(2), true));
                 } else if now >= deadline {
@@ -877,8 +899,7 @@ impl Supervisor {
                 let u = &self.units[i];
                 if let Some(pid) = u.pid {
                     log(format!("stopping {}", u.spec.name));
-                    let sig = Signal::try_from(u.spec.stop_signal).unwrap_or(Signal::SIGTERM);
-                    let _ = killpg(pid, sig);
+                    self.host.killpg(pid, u.spec.stop_signal);
                     st.current = Some((i, now + u.spec.stop_grace, false));
                 }
                 continue;
@@ -886,23 +907,23 @@ impl Supervisor {
             // Every unit is down: sweep what is left (double-forked strays).
             match st.sweep {
                 None => {
-                    if self.has_children() {
-                        let left = self.leftovers();
+                    if self.host.has_children() {
+                        let left = self.host.leftovers(self.is_pid1);
                         if !left.is_empty() {
                             log(format!(
                                 "processes left after every unit stopped: {}; sending SIGTERM",
                                 left.join(" ")
                             ));
                         }
-                        self.signal_everything(Signal::SIGTERM);
+                        self.host.signal_everything(libc::SIGTERM, self.is_pid1);
                         st.sweep = Some((now + self.final_grace, false));
                     } else {
                         st.sweep = Some((now, true));
                     }
                 }
-                Some((deadline, false)) if now >= deadline || !self.has_children() => {
-                    if self.has_children() {
-                        self.signal_everything(Signal::SIGKILL);
+                Some((deadline, false)) if now >= deadline || !self.host.has_children() => {
+                    if self.host.has_children() {
+                        self.host.signal_everything(libc::SIGKILL, self.is_pid1);
                     }
                     st.sweep = Some((now + Duration::from_secs(1), true));
                 }
@@ -913,54 +934,6 @@ impl Supervisor {
         self.stopping = Some(st);
     }
 
-    fn has_children(&self) -> bool {
-        // WNOWAIT: look without collecting, so no exit status is lost here.
-        !matches!(
-            nix::sys::wait::waitid(
-                nix::sys::wait::Id::All,
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT
-            ),
-            Err(Errno::ECHILD)
-        )
-    }
-
-    /// `name[pid]` of every live process the final sweep will signal.
-    fn leftovers(&self) -> Vec<String> {
-        let me = std::process::id() as i32;
-        let pids: Vec<i32> = if self.is_pid1 {
-            std::fs::read_dir("/proc")
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|&p| p != me)
-                .collect()
-        } else {
-            children_of_self().into_iter().map(Pid::as_raw).collect()
-        };
-        pids.into_iter()
-            .filter_map(|pid| {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-                let (head, rest) = stat.rsplit_once(')')?;
-                let name = head.split_once('(')?.1;
-                // Exited, waiting to be reaped: nothing to stop.
-                (rest.split_whitespace().next() != Some("Z")).then(|| format!("{name}[{pid}]"))
-            })
-            .collect()
-    }
-
-    /// As PID 1 `kill(-1)` reaches every process in the container; otherwise
-    /// (subreaper) only our own descendants, found through /proc.
-    fn signal_everything(&self, sig: Signal) {
-        if self.is_pid1 {
-            let _ = kill(Pid::from_raw(-1), sig);
-        } else {
-            for pid in children_of_self() {
-                let _ = kill(pid, sig);
-            }
-        }
-    }
-
     fn finished(&mut self) -> Option<Ending> {
         // Command mode: the command's end is the container's end.
         if let Some(m) = self.main {
@@ -968,7 +941,7 @@ impl Supervisor {
                 let code = self.units[m].last_status.unwrap_or(0);
                 self.begin_stop(Ending::Exit(code), "command exited");
                 // Start stopping at once: nothing may be left to wait for.
-                self.tick_stop(Instant::now());
+                self.tick_stop(self.host.now());
                 if let Some(st) = &mut self.stopping {
                     st.ending = Ending::Exit(code);
                 }
@@ -978,7 +951,7 @@ impl Supervisor {
         let done = st.queue.is_empty()
             && st.current.is_none()
             && matches!(st.sweep, Some((_, true)))
-            && (!self.has_children() || st.sweep.is_some_and(|(d, _)| Instant::now() >= d));
+            && (!self.host.has_children() || st.sweep.is_some_and(|(d, _)| self.host.now() >= d));
         if !done {
             return None;
         }
@@ -1113,7 +1086,7 @@ fn emit_lines(name: &str, buf: &mut Vec<u8>, flush_all: bool) {
 }
 
 /// Direct children of this process (for the sweep when not PID 1).
-fn children_of_self() -> Vec<Pid> {
+pub fn children_of_self() -> Vec<Pid> {
     let me = std::process::id() as i32;
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
@@ -1142,23 +1115,12 @@ fn children_of_self() -> Vec<Pid> {
 }
 
 #[cfg(test)]
+#[path = "supervisor_schedule_tests.rs"]
+mod schedule;
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps_with_jitter() {
-        let base = Duration::from_secs(1);
-        let max = Duration::from_secs(30);
-        for attempt in 0..10 {
-            let d = backoff(attempt, base, max);
-            let nominal = base.saturating_mul(1 << attempt).min(max);
-            assert!(
-                d >= nominal.mul_f64(0.79) && d <= max,
-                "attempt {attempt}: {d:?}"
-            );
-        }
-        assert!(backoff(30, base, max) <= max);
-    }
 
     #[test]
     fn log_lines_escape_control_characters() {
