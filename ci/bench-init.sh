@@ -4,6 +4,8 @@
 # a busybox root):
 #   - static binary size (stripped: the release-init profile strips);
 #   - idle RSS of PID 1 with the agent and two services running (tini: with one idle child);
+#     and with the user's session (the shipped session-*.toml in the Debian root of
+#     ci/build-session-root.sh, when it is cached: an overlayfs view, nothing changed);
 #   - boot → agent exec: from just before `unshare` to the agent's first instruction (the fake
 #     agent records its start time). Without download: the agent is baked in
 #     (/usr/local/bin/coder), the download is refused at once and HAKIM_AGENT_FALLBACK_AFTER=0
@@ -23,8 +25,10 @@ command -v tini-static >/dev/null 2>&1 || {
 init_bin=$(ci/build-init.sh)
 work=$(mktemp -d /tmp/hakim-bench-init.XXXXXX)
 server_pid=""
+session_mnt=""
 cleanup() {
   if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; fi
+  if [ -n "$session_mnt" ]; then umount "$session_mnt" 2>/dev/null || umount -l "$session_mnt" || true; fi
   # KEEP=1 keeps the work directory (logs, root) for a look afterwards.
   [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
@@ -155,6 +159,39 @@ for _ in $(seq "$RUNS"); do run_daemon "http://127.0.0.1:$port" >>"$work/boot-dl
 log "tini: boot → agent exec and idle RSS ($RUNS runs)"
 : >"$work/tini"
 for _ in $(seq "$RUNS"); do MEASURE_RSS=1 run_tini >>"$work/tini"; done
+# --- idle RSS with the user's session (only when the session root is cached) -----------------
+session_cache=${HAKIM_TEST_CACHE:-/var/tmp/hakim-test-cache}/session-root/rootfs
+: >"$work/rss-session"
+if [ -x "$session_cache/usr/bin/gnome-keyring-daemon" ]; then
+  log "idle RSS with the user's session ($RUNS runs)"
+  busybox_root=$root
+  root=$work/session/root
+  mkdir -p "$root" "$work/session/upper" "$work/session/work"
+  mount -t overlay overlay \
+    -o "lowerdir=$session_cache,upperdir=$work/session/upper,workdir=$work/session/work" "$root"
+  session_mnt=$root
+  install -D -m 0755 "$init_bin" "$root/usr/local/sbin/hakim-init"
+  install -D -m 0755 "$work/fake-coder" "$root/usr/local/bin/coder"
+  for d in null:3 zero:5 random:8 urandom:9; do
+    rm -f "$root/dev/${d%:*}"
+    mknod -m 666 "$root/dev/${d%:*}" c 1 "${d#*:}"
+  done
+  mkdir -p "$root/etc/hakim/services"
+  cp images/services/session-*.toml "$root/etc/hakim/services/"
+  for _ in $(seq "$RUNS"); do
+    MEASURE_RSS=1 run_daemon "http://127.0.0.1:$closed_port" HAKIM_AGENT_FALLBACK_AFTER=0 \
+      >>"$work/rss-session"
+  done
+  grep -q "session-keyring is ready" "$work/daemon.log" || {
+    echo "bench-init: the session never came up (see $work/daemon.log)" >&2
+    exit 1
+  }
+  umount "$root"
+  session_mnt=""
+  root=$busybox_root
+else
+  log "no cached session root ($session_cache): the session RSS is not measured"
+fi
 grep -q "using /usr/local/bin/coder" "$work/daemon.log" || {
   echo "bench-init: the baked agent was never used (see $work/daemon.log)" >&2
   exit 1
@@ -198,6 +235,11 @@ lat_tini=$(median <"$work/lat-tini")
 lat_ours_r=$(range <"$work/lat-ours")
 lat_tini_r=$(range <"$work/lat-tini")
 rss_target=$(awk -v r="$rss_ours" 'BEGIN{print (r <= 3) ? "met" : "**NOT met**"}')
+if [ -s "$work/rss-session" ]; then
+  rss_session=$(awk '{print $2}' "$work/rss-session" | mib | median)
+  kids_session=$(awk '{print $3}' "$work/rss-session" | sort -n | tail -n1)
+  rss_session_target=$(awk -v r="$rss_session" 'BEGIN{print (r <= 3) ? "met" : "**NOT met**"}')
+fi
 size_target=$(awk -v s="$size_ours" 'BEGIN{print (s/1048576 <= 2.5) ? "met" : "**NOT met**"}')
 
 printf '| hakim-init | hakim-init | tini-static | target |\n|---|---:|---:|---|\n'
@@ -205,6 +247,10 @@ printf '| static binary size (%s) | %.2f MiB | %.2f MiB | ≤ 2.5 MiB: %s |\n' \
   "$stripped" "$(echo "$size_ours / 1048576" | bc -l)" "$(echo "$size_tini / 1048576" | bc -l)" "$size_target"
 printf '| PID 1 idle RSS (hakim-init: agent + 2 services, %s children; tini: the agent), median of %s | %s MiB | %s MiB | ≤ 3 MiB: %s |\n' \
   "$kids" "$RUNS" "$rss_ours" "$rss_tini" "$rss_target"
+if [ -n "${rss_session:-}" ]; then
+  printf '| PID 1 idle RSS with the user'"'"'s session (agent + session-dbus, -keyring, -ssh-agent, %s children), median of %s | %s MiB | – | ≤ 3 MiB: %s |\n' \
+    "$kids_session" "$RUNS" "$rss_session" "$rss_session_target"
+fi
 printf '| boot → agent exec, no download (baked agent), median of %s (range) | %s ms (%s) | %s ms (%s) | |\n' \
   "$RUNS" "$boot_baked" "$boot_baked_r" "$boot_tini" "$boot_tini_r"
 printf '| boot → agent exec with a download from 127.0.0.1 + ELF/--version check, median of %s (range) | %s ms (%s) | – | |\n' \

@@ -10,9 +10,10 @@ use nix::sys::signal::SigSet;
 
 use crate::env::{self, Env};
 use crate::services::{self, Restart};
-use crate::spawn::Ids;
-use crate::supervisor::{log, Ending, Supervisor, UnitSpec};
+use crate::session;
+use crate::supervisor::{log, warn, Ending, Supervisor, UnitSpec};
 use crate::sys::{RealSys, Syscall};
+use crate::workspace::{self, WorkspaceUser};
 
 const USAGE: &str = "usage: hakim-init [-- COMMAND [ARGS...]]
   Without a command: set up the workspace, run the declared services and the
@@ -83,7 +84,8 @@ pub fn run(args: &[String]) -> i32 {
         Some(image_env) if daemon => env::no_agent_hint(&process_env, image_env),
         _ => None,
     };
-    let merged = env::merge(image_env.as_deref().unwrap_or_default(), process_env);
+    let mut merged = env::merge(image_env.as_deref().unwrap_or_default(), process_env);
+    env::add_editor(&mut merged, &|p| p.is_file());
     let wants_agent = [
         "CODER_AGENT_URL",
         "CODER_AGENT_BOOTSTRAP",
@@ -136,14 +138,43 @@ pub fn run(args: &[String]) -> i32 {
         ));
     }
 
-    let loaded = services::load(Path::new(services::SERVICES_DIR), &merged, &|p| p.exists());
+    // The user's session: a login's variables, the runtime dir, the session services.
+    let login = user.as_ref().map(|u| {
+        let dir = session::runtime_dir(u.uid);
+        if let Err(e) = session::ensure_runtime_dir(&dir, u.uid, u.gid) {
+            warn(format!("user session: {e}"));
+        }
+        session::login_env(u, merged.get("PATH").map_or("", String::as_str))
+    });
+    let session_env = login
+        .as_ref()
+        .filter(|_| session::wanted(&merged))
+        .map(|login| session::expansion_env(&merged, login));
+    let loaded = services::load(
+        Path::new(services::SERVICES_DIR),
+        &merged,
+        session_env.as_ref(),
+        &|p| p.exists(),
+    );
     for note in &loaded.notes {
         log(note);
     }
+    // What the session services export, in start order: each gets what came before.
+    let mut exports: Vec<(String, String)> = Vec::new();
     for s in loaded.services {
-        let ids = resolve_ids(&s.user, &user);
-        let mut env = public_env.clone();
+        let (ids, mut env) = match (&user, &login) {
+            (Some(u), Some(login)) if s.session => {
+                seed_files(&s, u);
+                let mut env = session::with_login(&public_env, login);
+                env.extend(exports.iter().cloned());
+                (Some(u.ids()), env)
+            }
+            _ => (workspace::resolve_ids(&s.user, &user), public_env.clone()),
+        };
         env.extend(s.env.iter().cloned());
+        if s.session {
+            exports.extend(s.export.iter().cloned());
+        }
         sup.add_service(
             UnitSpec {
                 name: s.name.clone(),
@@ -160,12 +191,14 @@ pub fn run(args: &[String]) -> i32 {
                 dirs: s.dirs.clone(),
                 capture: true,
                 backoff_max: Duration::from_secs(60),
+                oneshot: (s.kind == services::Kind::Oneshot).then_some(s.timeout),
+                requires: s.requires_later.clone(),
             },
             s.before_agent,
         );
     }
 
-    crate::agent::declare(&mut sup, &merged, &public_env, user.as_ref());
+    crate::agent::declare(&mut sup, &merged, &public_env, user.as_ref(), &exports);
 
     if !daemon {
         sup.add_main(UnitSpec {
@@ -183,6 +216,8 @@ pub fn run(args: &[String]) -> i32 {
             dirs: Vec::new(),
             capture: false,
             backoff_max: Duration::from_secs(60),
+            oneshot: None,
+            requires: Vec::new(),
         });
     }
 
@@ -206,29 +241,15 @@ pub fn run(args: &[String]) -> i32 {
     }
 }
 
-/// The workspace user as set up (or found).
-#[derive(Debug, Clone)]
-pub struct WorkspaceUser {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-    pub home: PathBuf,
-    pub shell: String,
-    pub project_dir: PathBuf,
-}
-
-fn resolve_ids(user: &str, ws: &Option<WorkspaceUser>) -> Option<Ids> {
-    if user == "root" {
-        return None;
-    }
-    match ws {
-        Some(w) if w.name == user => Some(Ids {
-            uid: w.uid,
-            gid: w.gid,
-            groups: w.groups.clone(),
-        }),
-        _ => crate::agent::lookup_user(user),
+/// A session service's `seed` files, written as the user where nothing is yet.
+fn seed_files(s: &services::Service, user: &WorkspaceUser) {
+    for seed in &s.seeds {
+        let path = Path::new(&seed.path);
+        match session::write_seed(path, seed.content.as_bytes(), seed.mode, user.uid, user.gid) {
+            Ok(true) => log(format!("{}: seeded {}", s.name, path.display())),
+            Ok(false) => {}
+            Err(e) => warn(format!("{}: cannot seed {}: {e}", s.name, path.display())),
+        }
     }
 }
 
@@ -241,7 +262,7 @@ fn prepare_workspace(
 ) -> Option<WorkspaceUser> {
     if is_pid1 {
         // Invalid ids fall back to their defaults; prepare_user logs why.
-        let (uid, gid, _) = crate::agent::user_ids(env);
+        let (uid, gid, _) = workspace::user_ids(env);
         for note in crate::mounts::ensure_mounts(sys, daemon.then_some((uid, gid))) {
             log(note);
         }
@@ -255,7 +276,7 @@ fn prepare_workspace(
         // Plain command mode (Docker, devcontainers): no workspace to prepare.
         return None;
     }
-    crate::agent::prepare_user(env)
+    workspace::prepare_user(env)
 }
 
 /// An empty or missing /etc/machine-id gets 32 random hex digits (dbus and

@@ -14,12 +14,40 @@ pub const IMAGE_ENV_FILE: &str = "/etc/hakim/image.env";
 pub const DEFAULT_PATH: &str = "/usr/local/share/mise/shims:/nix/var/nix/profiles/default/bin:\
 /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The built-in defaults, those of the upstream entrypoint (`docs/init.md`, *Environment*).
+pub const DEFAULTS: &[(&str, &str)] = &[
+    ("PATH", DEFAULT_PATH),
+    ("LANG", "C.UTF-8"),
+    ("LANGUAGE", "C.UTF-8"),
+    ("LC_ALL", "C.UTF-8"),
+    // Xvfb's display (images/services/xvfb.toml), software GL for headless browsers.
+    ("DISPLAY", ":99"),
+    ("LIBGL_ALWAYS_SOFTWARE", "1"),
+    ("PAGER", "less"),
+    ("LESS", "-R"),
+    ("MISE_INSTALL_PATH", "/usr/local/bin/mise"),
+];
+
 pub fn defaults() -> Env {
-    let mut env = Env::new();
-    env.insert("PATH".into(), DEFAULT_PATH.into());
-    env.insert("LANG".into(), "C.UTF-8".into());
-    env.insert("LC_ALL".into(), "C.UTF-8".into());
-    env
+    DEFAULTS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `EDITOR` and `VISUAL` default to `nvim` when it is on `PATH` (upstream's rule); a value
+/// from the image or the process environment is kept.
+pub fn add_editor(env: &mut Env, is_file: &dyn Fn(&std::path::Path) -> bool) {
+    let path = env.get("PATH").cloned().unwrap_or_default();
+    let has_nvim = path
+        .split(':')
+        .filter(|d| d.starts_with('/'))
+        .any(|d| is_file(&std::path::Path::new(d).join("nvim")));
+    if has_nvim {
+        for var in ["EDITOR", "VISUAL"] {
+            env.entry(var.into()).or_insert_with(|| "nvim".into());
+        }
+    }
 }
 
 /// `KEY=VALUE` per line; `#` comments and blank lines skipped; the value is
@@ -247,6 +275,36 @@ mod tests {
         assert_eq!(env["LANG"], "C.UTF-8");
         let env = merge(&[], Vec::new());
         assert_eq!(env["PATH"], DEFAULT_PATH);
+        for (k, v) in [
+            ("LANGUAGE", "C.UTF-8"),
+            ("DISPLAY", ":99"),
+            ("LIBGL_ALWAYS_SOFTWARE", "1"),
+            ("PAGER", "less"),
+            ("LESS", "-R"),
+            ("MISE_INSTALL_PATH", "/usr/local/bin/mise"),
+        ] {
+            assert_eq!(env[k], v, "{k}");
+        }
+        let env = merge(&[], vec![("DISPLAY".to_string(), ":1".to_string())]);
+        assert_eq!(env["DISPLAY"], ":1");
+    }
+
+    #[test]
+    fn editor_is_nvim_only_when_on_path() {
+        let mut env = merge(&[], Vec::new());
+        add_editor(&mut env, &|_| false);
+        assert!(!env.contains_key("EDITOR") && !env.contains_key("VISUAL"));
+        add_editor(&mut env, &|p| p == std::path::Path::new("/usr/bin/nvim"));
+        assert_eq!(
+            (env["EDITOR"].as_str(), env["VISUAL"].as_str()),
+            ("nvim", "nvim")
+        );
+        let mut env = merge(&[], vec![("EDITOR".to_string(), "vi".to_string())]);
+        add_editor(&mut env, &|_| true);
+        assert_eq!(
+            (env["EDITOR"].as_str(), env["VISUAL"].as_str()),
+            ("vi", "nvim")
+        );
     }
 
     #[test]

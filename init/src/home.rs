@@ -25,6 +25,12 @@
 //! - chown failures (EPERM without CAP_CHOWN in Docker, EINVAL for an id that
 //!   is not mapped in the user namespace) do not stop the work: they are
 //!   summed up in one warning.
+//! - mise's directories (`~/.config/mise`, `~/.local/share/mise`, [`TOOL_DIRS`]) are the
+//!   exception, as in the upstream entrypoint: at every boot, in a home that is the user's,
+//!   they are created and given to the user with everything inside them (never following a
+//!   link, never leaving their file system), and their parents (`~/.config`, `~/.local`,
+//!   `~/.local/share`) are given to the user themselves, not what they hold. A file a root
+//!   `mise install` left there would otherwise break the user's next `mise` run.
 //! - Paths are absolute inside the container and resolved under `root`.
 //!   Symlinks on the way are followed by the host, so with a root other than
 //!   `/` (tests) absolute links would escape it; fixtures avoid them.
@@ -216,6 +222,108 @@ impl ChownLog {
             if self.failures == 1 { "y" } else { "ies" }
         ))
     }
+}
+
+/// mise's directories in the home, relative to it; see the module docs.
+pub const TOOL_DIRS: &[&str] = &[".config/mise", ".local/share/mise"];
+
+/// What [`prepare_tool_dirs`] changed, as paths in the container.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ToolDirsOutcome {
+    pub created: Vec<PathBuf>,
+    /// Entries given to the user (parents, the directories, what they hold).
+    pub owner_set: usize,
+    pub warnings: Vec<String>,
+}
+
+/// Creates [`TOOL_DIRS`] in `home` for `uid:gid` and gives them to the user, see the module
+/// docs. Does nothing in a home that is not the user's (it is somebody's data).
+pub fn prepare_tool_dirs(root: &Path, home: &Path, uid: u32, gid: u32) -> ToolDirsOutcome {
+    let mut out = ToolDirsOutcome::default();
+    let Ok(home_parts) = parts(home) else {
+        return out;
+    };
+    let home_host = join(root, &home_parts);
+    match fs::metadata(&home_host) {
+        Ok(meta) if meta.is_dir() && meta.uid() == uid => {}
+        _ => return out,
+    }
+    let mut log = ChownLog::default();
+    for rel in TOOL_DIRS {
+        let mut host = home_host.clone();
+        let mut shown = join(Path::new("/"), &home_parts);
+        let mut ok = true;
+        for part in Path::new(rel).components() {
+            host.push(part);
+            shown.push(part);
+            match fs::symlink_metadata(&host) {
+                Ok(meta) if meta.is_dir() => {
+                    if (meta.uid(), meta.gid()) != (uid, gid)
+                        && log.set_owner(&host, &shown, uid, gid, false)
+                    {
+                        out.owner_set += 1;
+                    }
+                }
+                Ok(_) => {
+                    out.warnings.push(format!(
+                        "{} is not a directory (or is a link); left as it is",
+                        shown.display()
+                    ));
+                    ok = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if let Err(e) = fs::create_dir(&host) {
+                        out.warnings
+                            .push(format!("cannot create {}: {e}", shown.display()));
+                        ok = false;
+                        break;
+                    }
+                    out.created.push(shown.clone());
+                    log.set_owner(&host, &shown, uid, gid, false);
+                    let _ = fs::set_permissions(&host, fs::Permissions::from_mode(DIR_MODE));
+                }
+                Err(e) => {
+                    out.warnings
+                        .push(format!("inspecting {}: {e}", shown.display()));
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok {
+            if let Ok(meta) = fs::symlink_metadata(&host) {
+                out.owner_set += give_tree(&host, &shown, meta.dev(), uid, gid, &mut log);
+            }
+        }
+    }
+    out.warnings.extend(log.warning(uid, gid));
+    out
+}
+
+/// Gives everything under `dir` (not `dir` itself) to `uid:gid`: links themselves, never
+/// what they point at; nothing on another file system (a mount inside is somebody else's).
+fn give_tree(dir: &Path, shown: &Path, dev: u64, uid: u32, gid: u32, log: &mut ChownLog) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut changed = 0;
+    for entry in entries.flatten() {
+        let (host, shown) = (entry.path(), shown.join(entry.file_name()));
+        let Ok(meta) = fs::symlink_metadata(&host) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue;
+        }
+        if (meta.uid(), meta.gid()) != (uid, gid) && log.set_owner(&host, &shown, uid, gid, false) {
+            changed += 1;
+        }
+        if meta.is_dir() {
+            changed += give_tree(&host, &shown, dev, uid, gid, log);
+        }
+    }
+    changed
 }
 
 /// Missing, empty, or only a `lost+found` directory.
@@ -1077,6 +1185,78 @@ mod tests {
         let missing = host(r.path(), "/missing");
         assert!(!log.set_owner(&missing, Path::new("/missing"), UID, GID, false));
         assert!(log.warning(UID, GID).unwrap().contains("/missing"));
+    }
+
+    #[test]
+    fn tool_dirs_are_created_and_given_to_the_user() {
+        let r = root();
+        let home = mkdir(r.path(), "/home/coder", 0o750);
+        std::os::unix::fs::chown(&home, Some(UID), Some(GID)).unwrap();
+        // A root-owned ~/.local with a root-owned mise tree, a link out of it, a foreign dir.
+        mkdir(
+            r.path(),
+            "/home/coder/.local/share/mise/installs/node",
+            0o755,
+        );
+        let tool = write(
+            r.path(),
+            "/home/coder/.local/share/mise/installs/node/bin",
+            "",
+            0o755,
+        );
+        let outside = write(r.path(), "/etc-secret", "", 0o600);
+        symlink(
+            &outside,
+            host(r.path(), "/home/coder/.local/share/mise/link"),
+        )
+        .unwrap();
+        let other = mkdir(r.path(), "/home/coder/.local/state", 0o755);
+        let out = prepare_tool_dirs(r.path(), Path::new("/home/coder"), UID, GID);
+        assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+        assert_eq!(
+            out.created,
+            [
+                PathBuf::from("/home/coder/.config"),
+                PathBuf::from("/home/coder/.config/mise")
+            ]
+        );
+        for p in [
+            "/home/coder/.config",
+            "/home/coder/.config/mise",
+            "/home/coder/.local",
+            "/home/coder/.local/share",
+            "/home/coder/.local/share/mise",
+            "/home/coder/.local/share/mise/installs/node",
+            "/home/coder/.local/share/mise/link",
+        ] {
+            assert_eq!(owner(&host(r.path(), p)), (UID, GID), "{p}");
+        }
+        assert_eq!(owner(&tool), (UID, GID));
+        // Not followed, not recursive outside mise's directories.
+        assert_eq!(owner(&outside), (0, 0));
+        assert_eq!(owner(&other), (0, 0));
+        // A second run changes nothing.
+        let again = prepare_tool_dirs(r.path(), Path::new("/home/coder"), UID, GID);
+        assert_eq!(again, ToolDirsOutcome::default());
+    }
+
+    #[test]
+    fn tool_dirs_leave_a_home_that_is_not_the_users_alone() {
+        let r = root();
+        mkdir(r.path(), "/home/coder", 0o755);
+        let out = prepare_tool_dirs(r.path(), Path::new("/home/coder"), UID, GID);
+        assert_eq!(out, ToolDirsOutcome::default());
+        assert!(!host(r.path(), "/home/coder/.config").exists());
+        // A link where a directory should be is not followed.
+        let r = root();
+        let home = mkdir(r.path(), "/home/coder", 0o750);
+        std::os::unix::fs::chown(&home, Some(UID), Some(GID)).unwrap();
+        let elsewhere = mkdir(r.path(), "/elsewhere", 0o755);
+        symlink(&elsewhere, host(r.path(), "/home/coder/.config")).unwrap();
+        let out = prepare_tool_dirs(r.path(), Path::new("/home/coder"), UID, GID);
+        assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
+        assert!(!elsewhere.join("mise").exists());
+        assert_eq!(owner(&elsewhere), (0, 0));
     }
 
     #[test]

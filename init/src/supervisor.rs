@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, killpg, SigSet, Signal};
+use nix::sys::signal::SigSet;
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::services::{Ready, Restart};
-use crate::spawn::{spawn, Ids};
+use crate::spawn::Ids;
+use crate::sys::{Host, RealHost};
 
 /// SIGRTMIN+3 as the kernel numbers it (glibc's SIGRTMIN is 34, not 32).
 pub const SIGRTMIN_3: i32 = 37;
@@ -69,14 +69,15 @@ pub fn warn(msg: impl AsRef<str>) {
 
 /// Exponential backoff (`base·2^attempt`, capped at `max`), each delay up to 20 % shorter
 /// at random so restarting units do not fall into step.
-pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+/// `random` is the jitter's source (the host's).
+pub fn backoff(attempt: u32, base: Duration, max: Duration, random: u64) -> Duration {
     let schedule = hakim_netenv::backoff::Backoff {
         base,
         cap: max,
         factor: 2,
         jitter: 0.2,
     };
-    schedule.delay(attempt)
+    schedule.delay_with(attempt, random)
 }
 
 /// Produces the agent unit once its configuration is usable: `Ok(None)` means
@@ -105,6 +106,12 @@ pub struct UnitSpec {
     pub capture: bool,
     /// Backoff limits for restarts.
     pub backoff_max: Duration,
+    /// A one-shot: runs once, to completion, within this time (then SIGKILL); what waits
+    /// for it starts when it ends, however it ends.
+    pub oneshot: Option<Duration>,
+    /// Paths checked when the unit is due to start (a one-shot before it may have created
+    /// them): one missing, and the unit is skipped for good.
+    pub requires: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +127,6 @@ struct Unit {
     phase: Phase,
     pid: Option<Pid>,
     started: Option<Instant>,
-    start_seq: u64,
     failures: u32,
     next_start: Instant,
     ready: bool,
@@ -128,6 +134,8 @@ struct Unit {
     probe: Option<Pid>,
     next_probe: Instant,
     last_status: Option<i32>,
+    /// A running one-shot is killed at this instant; `true` once it was.
+    oneshot_deadline: Option<(Instant, bool)>,
 }
 
 /// The agent's binary comes from a fetch child; until then its unit waits.
@@ -176,6 +184,8 @@ struct Output {
 }
 
 pub struct Supervisor {
+    /// Every process and clock call goes through here.
+    host: Box<dyn Host>,
     is_pid1: bool,
     units: Vec<Unit>,
     /// Index of the agent unit, if there is one.
@@ -185,7 +195,6 @@ pub struct Supervisor {
     main: Option<usize>,
     outputs: Vec<Output>,
     stopping: Option<Stopping>,
-    seq: u64,
     /// Grace for the final sweep of leftover processes.
     pub final_grace: Duration,
     /// Names of units whose readiness the agent waits for.
@@ -201,7 +210,14 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(is_pid1: bool) -> Self {
+        Supervisor::with_host(is_pid1, Box::new(RealHost))
+    }
+
+    /// A supervisor whose process and clock calls go to `host` (a fake in unit tests).
+    pub fn with_host(is_pid1: bool, host: Box<dyn Host>) -> Self {
+        let now = host.now();
         Supervisor {
+            host,
             is_pid1,
             units: Vec::new(),
             agent: None,
@@ -209,24 +225,22 @@ impl Supervisor {
             main: None,
             outputs: Vec::new(),
             stopping: None,
-            seq: 0,
             final_grace: Duration::from_secs(3),
             agent_waits_for: Vec::new(),
             agent_source: None,
-            next_agent_check: Instant::now(),
+            next_agent_check: now,
             agent_recheck: Duration::from_secs(60),
             main_deadline: None,
         }
     }
 
     fn push(&mut self, spec: UnitSpec) -> usize {
-        let now = Instant::now();
+        let now = self.host.now();
         self.units.push(Unit {
             spec,
             phase: Phase::Waiting,
             pid: None,
             started: None,
-            start_seq: 0,
             failures: 0,
             next_start: now,
             ready: false,
@@ -234,6 +248,7 @@ impl Supervisor {
             probe: None,
             next_probe: now,
             last_status: None,
+            oneshot_deadline: None,
         });
         self.units.len() - 1
     }
@@ -254,7 +269,7 @@ impl Supervisor {
             cfg: fetch,
             pid: None,
             attempts: 0,
-            next: Instant::now(),
+            next: self.host.now(),
             first_failure: None,
             have: None,
             on_fallback: false,
@@ -284,7 +299,7 @@ impl Supervisor {
             }
         };
         loop {
-            let now = Instant::now();
+            let now = self.host.now();
             self.tick(now);
             if let Some(ending) = self.finished() {
                 self.drain_outputs();
@@ -292,7 +307,7 @@ impl Supervisor {
             }
             let wait = self
                 .next_wakeup(now)
-                .saturating_duration_since(Instant::now())
+                .saturating_duration_since(self.host.now())
                 .min(Duration::from_secs(1));
             let ready = {
                 let mut fds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
@@ -352,7 +367,7 @@ impl Supervisor {
             {
                 if let Some(m) = self.main {
                     if let Some(pid) = self.units[m].pid {
-                        let _ = kill(pid, Signal::try_from(sig).ok());
+                        self.host.kill(pid, sig);
                         // SIGTERM (docker stop, PVE application containers) and SIGINT
                         // (Ctrl-C, lxc-stop -r) are stop requests: the command may handle
                         // them as it likes, but within its grace (HAKIM_STOP_GRACE), as
@@ -363,7 +378,7 @@ impl Supervisor {
                             && self.main_deadline.is_none()
                         {
                             self.main_deadline =
-                                Some((Instant::now() + self.units[m].spec.stop_grace, sig));
+                                Some((self.host.now() + self.units[m].spec.stop_grace, sig));
                         }
                     }
                 }
@@ -383,7 +398,7 @@ impl Supervisor {
             libc::SIGHUP | libc::SIGUSR1 | libc::SIGUSR2 | libc::SIGWINCH | libc::SIGQUIT => {
                 for u in &self.units {
                     if let Some(pid) = u.pid {
-                        let _ = killpg(pid, Signal::try_from(sig).ok());
+                        self.host.killpg(pid, sig);
                     }
                 }
             }
@@ -406,10 +421,13 @@ impl Supervisor {
                 "halt"
             }
         ));
-        let mut running: Vec<usize> = (0..self.units.len())
+        // Reverse declaration order (what depends on a unit stops before it), whatever
+        // restarts did to the start order: the command and the agent first, the user's
+        // session after the agent, then the services in reverse dependency order.
+        let running: Vec<usize> = (0..self.units.len())
+            .rev()
             .filter(|&i| self.units[i].pid.is_some())
             .collect();
-        running.sort_by_key(|&i| std::cmp::Reverse(self.units[i].start_seq));
         for u in &mut self.units {
             if u.pid.is_none() {
                 u.phase = Phase::Done;
@@ -417,7 +435,7 @@ impl Supervisor {
         }
         if let Some(f) = &self.fetch {
             if let Some(pid) = f.pid {
-                let _ = killpg(pid, Signal::SIGKILL);
+                self.host.killpg(pid, libc::SIGKILL);
             }
         }
         self.stopping = Some(Stopping {
@@ -430,18 +448,13 @@ impl Supervisor {
 
     /// Collects every exited child; nothing else in the process calls wait.
     fn reap(&mut self) {
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid, code),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => self.on_exit(pid, 128 + sig as i32),
-                Ok(_) => {}
-            }
+        while let Some((pid, status)) = self.host.reap() {
+            self.on_exit(pid, status);
         }
     }
 
     fn on_exit(&mut self, pid: Pid, status: i32) {
-        let now = Instant::now();
+        let now = self.host.now();
         if let Some(f) = &mut self.fetch {
             if f.pid == Some(pid) {
                 f.pid = None;
@@ -460,7 +473,8 @@ impl Supervisor {
                     f.first_failure = None;
                 } else {
                     f.first_failure.get_or_insert(now);
-                    let delay = crate::fetch::AGENT_FETCH_BACKOFF.delay(f.attempts);
+                    let delay = crate::fetch::AGENT_FETCH_BACKOFF
+                        .delay_with(f.attempts, self.host.random());
                     f.attempts += 1;
                     f.next = now + delay;
                     log(format!(
@@ -504,6 +518,16 @@ impl Supervisor {
                 Restart::OnFailure => status != 0,
                 Restart::Never => false,
             };
+            if let Some((_, killed)) = u.oneshot_deadline.take() {
+                if status == 0 {
+                    log(format!("{} finished", u.spec.name));
+                } else if !killed {
+                    warn(format!(
+                        "{} failed with status {status}; starting what waits for it anyway",
+                        u.spec.name
+                    ));
+                }
+            }
             if !restart {
                 u.phase = Phase::Done;
                 // A unit that is done no longer holds its dependants back.
@@ -513,7 +537,12 @@ impl Supervisor {
             if up >= Duration::from_secs(600) {
                 u.failures = 0;
             }
-            let delay = backoff(u.failures, Duration::from_secs(1), u.spec.backoff_max);
+            let delay = backoff(
+                u.failures,
+                Duration::from_secs(1),
+                u.spec.backoff_max,
+                self.host.random(),
+            );
             u.failures += 1;
             u.next_start = now + delay;
             u.phase = Phase::Backoff;
@@ -538,6 +567,17 @@ impl Supervisor {
     }
 
     fn start(&mut self, i: usize, now: Instant) {
+        let u = &mut self.units[i];
+        if let Some(missing) = u.spec.requires.iter().find(|p| !self.host.exists(p)) {
+            log(format!(
+                "{}: not started, {} is missing",
+                u.spec.name,
+                missing.display()
+            ));
+            u.phase = Phase::Done;
+            u.ready = true;
+            return;
+        }
         let argv = if Some(i) == self.agent {
             let Some(bin) = self.fetch.as_ref().and_then(|f| f.have.clone()) else {
                 return;
@@ -549,10 +589,16 @@ impl Supervisor {
             self.units[i].spec.argv.clone()
         };
         for dir in &self.units[i].spec.dirs {
-            if let Err(e) = std::fs::create_dir_all(dir) {
+            let spec = &self.units[i].spec;
+            let made = std::fs::create_dir_all(dir).and_then(|()| match &spec.ids {
+                // A service that runs as a user owns its directories (its sockets go there).
+                Some(ids) => std::os::unix::fs::lchown(dir, Some(ids.uid), Some(ids.gid)),
+                None => Ok(()),
+            });
+            if let Err(e) = made {
                 warn(format!(
                     "{}: cannot create {}: {e}",
-                    self.units[i].spec.name,
+                    spec.name,
                     dir.display()
                 ));
             }
@@ -562,9 +608,11 @@ impl Supervisor {
                 let _ = std::fs::remove_file(path);
             }
         }
-        self.seq += 1;
         let spec = &self.units[i].spec;
-        match spawn(&argv, &spec.env, &spec.cwd, spec.ids.as_ref(), spec.capture) {
+        match self
+            .host
+            .spawn(&argv, &spec.env, &spec.cwd, spec.ids.as_ref(), spec.capture)
+        {
             Ok(s) => {
                 log(format!("started {} (pid {})", spec.name, s.pid));
                 if let Some(fd) = s.output {
@@ -581,15 +629,20 @@ impl Supervisor {
                 let u = &mut self.units[i];
                 u.pid = Some(s.pid);
                 u.started = Some(now);
-                u.start_seq = self.seq;
                 u.phase = Phase::Running;
+                u.next_probe = now;
+                if let Some(limit) = u.spec.oneshot {
+                    // Ready when it ends (or is killed at its deadline).
+                    u.ready = false;
+                    u.oneshot_deadline = Some((now + limit, false));
+                    return;
+                }
                 u.ready = u.spec.ready.is_none();
                 // Measured from the first attempt: restarts do not extend the wait
                 // of what depends on this unit.
                 let timeout = u.spec.ready.as_ref().map_or(0, |r| r.timeout);
                 u.ready_deadline
                     .get_or_insert(now + Duration::from_secs(timeout));
-                u.next_probe = now;
             }
             Err(e) => {
                 let u = &mut self.units[i];
@@ -608,7 +661,12 @@ impl Supervisor {
                 let timeout = u.spec.ready.as_ref().map_or(0, |r| r.timeout);
                 u.ready_deadline
                     .get_or_insert(now + Duration::from_secs(timeout));
-                let delay = backoff(u.failures, Duration::from_secs(1), u.spec.backoff_max);
+                let delay = backoff(
+                    u.failures,
+                    Duration::from_secs(1),
+                    u.spec.backoff_max,
+                    self.host.random(),
+                );
                 u.failures += 1;
                 u.next_start = now + delay;
                 u.phase = if u.spec.restart == Restart::Never {
@@ -649,7 +707,7 @@ impl Supervisor {
         u.next_probe = now + Duration::from_millis(200);
         let mut ok = false;
         if let Some(p) = &ready.path {
-            ok |= std::path::Path::new(p).exists();
+            ok |= self.host.exists(std::path::Path::new(p));
         }
         if let Some(addr) = &ready.tcp {
             use std::net::ToSocketAddrs;
@@ -667,7 +725,10 @@ impl Supervisor {
             return;
         }
         if let Some(cmd) = ready.command.as_ref().filter(|c| !c.is_empty()) {
-            if let Ok(s) = spawn(cmd, &u.spec.env, &u.spec.cwd, u.spec.ids.as_ref(), false) {
+            if let Ok(s) =
+                self.host
+                    .spawn(cmd, &u.spec.env, &u.spec.cwd, u.spec.ids.as_ref(), false)
+            {
                 u.probe = Some(s.pid);
             }
         }
@@ -698,6 +759,7 @@ impl Supervisor {
             }
         }
         self.tick_fetch(now);
+        self.enforce_oneshot_deadlines(now);
         for i in 0..self.units.len() {
             self.check_ready(i, now);
             let u = &self.units[i];
@@ -709,6 +771,26 @@ impl Supervisor {
             if due {
                 self.start(i, now);
             }
+        }
+    }
+
+    /// A one-shot that overruns its time is killed with everything it started; its end
+    /// then releases what waits for it.
+    fn enforce_oneshot_deadlines(&mut self, now: Instant) {
+        for u in &mut self.units {
+            let (Some(pid), Some((deadline, false))) = (u.pid, u.oneshot_deadline) else {
+                continue;
+            };
+            if now < deadline {
+                continue;
+            }
+            warn(format!(
+                "{} did not finish within {} s; killing it and starting what waits for it",
+                u.spec.name,
+                u.spec.oneshot.unwrap_or_default().as_secs_f64()
+            ));
+            self.host.killpg(pid, libc::SIGKILL);
+            u.oneshot_deadline = Some((deadline, true));
         }
     }
 
@@ -731,7 +813,7 @@ impl Supervisor {
             ));
             // Its whole process group, as the stop sequence does: the command's own
             // children must not outlive it. Its exit (128+9) then ends the container.
-            let _ = killpg(pid, Signal::SIGKILL);
+            self.host.killpg(pid, libc::SIGKILL);
         }
     }
 
@@ -741,7 +823,7 @@ impl Supervisor {
         if f.pid.is_none() && (f.have.is_none() || f.on_fallback) && now >= f.next {
             remove_partial_downloads(&f.cfg.dest);
             // Not captured: the child's lines already say `hakim-init: fetch:`.
-            match spawn(
+            match self.host.spawn(
                 &f.cfg.argv,
                 &f.cfg.env,
                 std::path::Path::new("/"),
@@ -771,7 +853,7 @@ impl Supervisor {
         // Downloads keep failing: run the binary baked into the image meanwhile.
         if f.have.is_none() && !agent_running {
             if let (Some(first), Some(fallback)) = (f.first_failure, &f.cfg.fallback) {
-                if now - first >= f.cfg.fallback_after && fallback.exists() {
+                if now - first >= f.cfg.fallback_after && self.host.exists(fallback) {
                     log(format!(
                         "agent download failing for {} s; using {}",
                         (now - first).as_secs(),
@@ -802,7 +884,7 @@ impl Supervisor {
                         u.spec.stop_grace.as_secs_f64()
                     ));
                     if let Some(pid) = u.pid {
-                        let _ = killpg(pid, Signal::SIGKILL);
+                        self.host.killpg(pid, libc::SIGKILL);
                     }
                     st.current = Some((i, now + Duration::from_secs(2), true));
                 } else if now >= deadline {
@@ -817,8 +899,7 @@ impl Supervisor {
                 let u = &self.units[i];
                 if let Some(pid) = u.pid {
                     log(format!("stopping {}", u.spec.name));
-                    let sig = Signal::try_from(u.spec.stop_signal).unwrap_or(Signal::SIGTERM);
-                    let _ = killpg(pid, sig);
+                    self.host.killpg(pid, u.spec.stop_signal);
                     st.current = Some((i, now + u.spec.stop_grace, false));
                 }
                 continue;
@@ -826,16 +907,23 @@ impl Supervisor {
             // Every unit is down: sweep what is left (double-forked strays).
             match st.sweep {
                 None => {
-                    if self.has_children() {
-                        self.signal_everything(Signal::SIGTERM);
+                    if self.host.has_children() {
+                        let left = self.host.leftovers(self.is_pid1);
+                        if !left.is_empty() {
+                            log(format!(
+                                "processes left after every unit stopped: {}; sending SIGTERM",
+                                left.join(" ")
+                            ));
+                        }
+                        self.host.signal_everything(libc::SIGTERM, self.is_pid1);
                         st.sweep = Some((now + self.final_grace, false));
                     } else {
                         st.sweep = Some((now, true));
                     }
                 }
-                Some((deadline, false)) if now >= deadline || !self.has_children() => {
-                    if self.has_children() {
-                        self.signal_everything(Signal::SIGKILL);
+                Some((deadline, false)) if now >= deadline || !self.host.has_children() => {
+                    if self.host.has_children() {
+                        self.host.signal_everything(libc::SIGKILL, self.is_pid1);
                     }
                     st.sweep = Some((now + Duration::from_secs(1), true));
                 }
@@ -846,29 +934,6 @@ impl Supervisor {
         self.stopping = Some(st);
     }
 
-    fn has_children(&self) -> bool {
-        // WNOWAIT: look without collecting, so no exit status is lost here.
-        !matches!(
-            nix::sys::wait::waitid(
-                nix::sys::wait::Id::All,
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT
-            ),
-            Err(Errno::ECHILD)
-        )
-    }
-
-    /// As PID 1 `kill(-1)` reaches every process in the container; otherwise
-    /// (subreaper) only our own descendants, found through /proc.
-    fn signal_everything(&self, sig: Signal) {
-        if self.is_pid1 {
-            let _ = kill(Pid::from_raw(-1), sig);
-        } else {
-            for pid in children_of_self() {
-                let _ = kill(pid, sig);
-            }
-        }
-    }
-
     fn finished(&mut self) -> Option<Ending> {
         // Command mode: the command's end is the container's end.
         if let Some(m) = self.main {
@@ -876,7 +941,7 @@ impl Supervisor {
                 let code = self.units[m].last_status.unwrap_or(0);
                 self.begin_stop(Ending::Exit(code), "command exited");
                 // Start stopping at once: nothing may be left to wait for.
-                self.tick_stop(Instant::now());
+                self.tick_stop(self.host.now());
                 if let Some(st) = &mut self.stopping {
                     st.ending = Ending::Exit(code);
                 }
@@ -886,7 +951,7 @@ impl Supervisor {
         let done = st.queue.is_empty()
             && st.current.is_none()
             && matches!(st.sweep, Some((_, true)))
-            && (!self.has_children() || st.sweep.is_some_and(|(d, _)| Instant::now() >= d));
+            && (!self.host.has_children() || st.sweep.is_some_and(|(d, _)| self.host.now() >= d));
         if !done {
             return None;
         }
@@ -912,6 +977,9 @@ impl Supervisor {
             }
             if u.phase == Phase::Running && !u.ready {
                 consider(u.next_probe);
+            }
+            if let Some((d, false)) = u.oneshot_deadline {
+                consider(d);
             }
         }
         for u in &self.units {
@@ -1018,7 +1086,7 @@ fn emit_lines(name: &str, buf: &mut Vec<u8>, flush_all: bool) {
 }
 
 /// Direct children of this process (for the sweep when not PID 1).
-fn children_of_self() -> Vec<Pid> {
+pub fn children_of_self() -> Vec<Pid> {
     let me = std::process::id() as i32;
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
@@ -1047,23 +1115,12 @@ fn children_of_self() -> Vec<Pid> {
 }
 
 #[cfg(test)]
+#[path = "supervisor_schedule_tests.rs"]
+mod schedule;
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_caps_with_jitter() {
-        let base = Duration::from_secs(1);
-        let max = Duration::from_secs(30);
-        for attempt in 0..10 {
-            let d = backoff(attempt, base, max);
-            let nominal = base.saturating_mul(1 << attempt).min(max);
-            assert!(
-                d >= nominal.mul_f64(0.79) && d <= max,
-                "attempt {attempt}: {d:?}"
-            );
-        }
-        assert!(backoff(30, base, max) <= max);
-    }
 
     #[test]
     fn log_lines_escape_control_characters() {

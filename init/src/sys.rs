@@ -154,3 +154,125 @@ impl Syscall for RecordingSys {
         Ok(())
     }
 }
+
+/// What the supervisor does to processes and time, behind a trait like [`Syscall`]:
+/// [`RealHost`] makes the calls; the supervisor's unit tests use a fake whose clock moves
+/// only when told and whose children exit when told, so restart backoff, readiness waits,
+/// the stop order and graces are checked without a process or a second of waiting.
+pub trait Host {
+    /// The monotonic clock.
+    fn now(&self) -> std::time::Instant;
+    /// Starts a child (see [`crate::spawn::spawn`]).
+    fn spawn(
+        &mut self,
+        argv: &[String],
+        env: &[(String, String)],
+        cwd: &Path,
+        ids: Option<&crate::spawn::Ids>,
+        capture: bool,
+    ) -> io::Result<crate::spawn::Spawned>;
+    /// Sends `sig` to one process.
+    fn kill(&mut self, pid: nix::unistd::Pid, sig: i32);
+    /// Sends `sig` to the process group `pid` leads.
+    fn killpg(&mut self, pid: nix::unistd::Pid, sig: i32);
+    /// One exited child, collected: its pid and status (exit code, or 128 + signal).
+    fn reap(&mut self) -> Option<(nix::unistd::Pid, i32)>;
+    /// Whether any child is left, running or not yet collected.
+    fn has_children(&mut self) -> bool;
+    /// The final sweep: `sig` to every process (PID 1) or every child (a subreaper).
+    fn signal_everything(&mut self, sig: i32, is_pid1: bool);
+    /// `name[pid]` of every live process the sweep would signal (for the log).
+    fn leftovers(&mut self, is_pid1: bool) -> Vec<String>;
+    /// Randomness for the restart jitter.
+    fn random(&mut self) -> u64;
+    fn exists(&self, path: &Path) -> bool;
+}
+
+/// The real thing.
+pub struct RealHost;
+
+impl Host for RealHost {
+    fn now(&self) -> std::time::Instant {
+        std::time::Instant::now()
+    }
+    fn spawn(
+        &mut self,
+        argv: &[String],
+        env: &[(String, String)],
+        cwd: &Path,
+        ids: Option<&crate::spawn::Ids>,
+        capture: bool,
+    ) -> io::Result<crate::spawn::Spawned> {
+        crate::spawn::spawn(argv, env, cwd, ids, capture)
+    }
+    fn kill(&mut self, pid: nix::unistd::Pid, sig: i32) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::try_from(sig).ok());
+    }
+    fn killpg(&mut self, pid: nix::unistd::Pid, sig: i32) {
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::try_from(sig).ok());
+    }
+    fn reap(&mut self) -> Option<(nix::unistd::Pid, i32)> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        loop {
+            match waitpid(nix::unistd::Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => return Some((pid, code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => return Some((pid, 128 + sig as i32)),
+                Ok(WaitStatus::StillAlive) | Err(_) => return None,
+                // Stopped/continued: not an exit; look again.
+                Ok(_) => {}
+            }
+        }
+    }
+    fn has_children(&mut self) -> bool {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag};
+        // WNOWAIT: look without collecting, so no exit status is lost here.
+        !matches!(
+            waitid(
+                Id::All,
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT
+            ),
+            Err(nix::errno::Errno::ECHILD)
+        )
+    }
+    fn signal_everything(&mut self, sig: i32, is_pid1: bool) {
+        if is_pid1 {
+            self.kill(nix::unistd::Pid::from_raw(-1), sig);
+        } else {
+            for pid in crate::supervisor::children_of_self() {
+                self.kill(pid, sig);
+            }
+        }
+    }
+    fn leftovers(&mut self, is_pid1: bool) -> Vec<String> {
+        let me = std::process::id() as i32;
+        let pids: Vec<i32> = if is_pid1 {
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&p| p != me)
+                .collect()
+        } else {
+            crate::supervisor::children_of_self()
+                .into_iter()
+                .map(nix::unistd::Pid::as_raw)
+                .collect()
+        };
+        pids.into_iter()
+            .filter_map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let (head, rest) = stat.rsplit_once(')')?;
+                let name = head.split_once('(')?.1;
+                // Exited, waiting to be reaped: nothing to stop.
+                (rest.split_whitespace().next() != Some("Z")).then(|| format!("{name}[{pid}]"))
+            })
+            .collect()
+    }
+    fn random(&mut self) -> u64 {
+        hakim_netenv::backoff::random_u64()
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+}

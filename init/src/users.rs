@@ -419,6 +419,29 @@ fn member_groups(group_file: &[u8], user: &str) -> Vec<String> {
         .collect()
 }
 
+/// The uid and gid of `name` in a passwd file (its first, well-formed record).
+pub fn account_ids(passwd: &[u8], name: &str) -> Option<(u32, u32)> {
+    let fields = lookup(passwd, &PASSWD, name).ok()??;
+    Some((field_id(&fields, 2), field_id(&fields, 3)))
+}
+
+/// `primary` and the gid of every group of a group file that lists `user` as a member,
+/// in file order, without repeats. Bytes, not text: a line that is not UTF-8 costs
+/// nothing but itself.
+pub fn group_ids(group_file: &[u8], user: &str, primary: u32) -> Vec<u32> {
+    let mut gids = vec![primary];
+    for fields in lines(group_file).filter_map(|line| record(line, &GROUP)) {
+        let member = fields
+            .get(3)
+            .is_some_and(|m| m.split(|&b| b == b',').any(|m| m == user.as_bytes()));
+        let gid = field_id(&fields, 2);
+        if member && !gids.contains(&gid) {
+            gids.push(gid);
+        }
+    }
+    gids
+}
+
 /// Portable user/group names: a letter or `_`, then letters, digits, `.`,
 /// `_`, `-`. Anything else could break the colon/comma syntax or be taken
 /// for a uid.
@@ -800,6 +823,18 @@ pub fn ensure_user(root: &Path, spec: &UserSpec) -> Result<UserOutcome, UserErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_and_groups_survive_a_line_that_is_not_utf8() {
+        let passwd = b"root:x:0:0:root:/root:/bin/sh\nj\xf6rg:x:1001:1001::/home/j:/bin/sh\n\
+                       coder:x:1000:1000::/home/coder:/bin/bash\n";
+        assert_eq!(account_ids(passwd, "coder"), Some((1000, 1000)));
+        assert_eq!(account_ids(passwd, "nobody"), None);
+        let group = b"root:x:0:\ndocker:x:999:coder\nb\xe4r:x:5:coder\nwheel:x:10:j,coder\n\
+                      docker2:x:999:coder\nbroken:x:\n";
+        assert_eq!(group_ids(group, "coder", 1000), [1000, 999, 5, 10]);
+        assert_eq!(group_ids(group, "cod", 1000), [1000]);
+    }
 
     const PASSWD_DEBIAN: &str = "root:x:0:0:root:/root:/bin/bash\n\
 daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n\

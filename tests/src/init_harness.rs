@@ -160,10 +160,18 @@ pub fn build_init(dir: &Path, target: Option<&str>, env: &[(&str, &Path)]) -> Pa
     bin
 }
 
-/// The static `hakim-init`, built once per test process by `ci/build-init.sh`.
+/// The static `hakim-init`, built once per test process by `ci/build-init.sh`, or the binary
+/// `HAKIM_INIT_STATIC_BIN` names (as for the LXC tests: another build, e.g. main's).
 pub fn init_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| build_init(&workspace_root(), None, &[]))
+    BIN.get_or_init(|| match std::env::var_os("HAKIM_INIT_STATIC_BIN") {
+        Some(bin) => {
+            // The harness's other static binaries still come from this checkout's toolchain.
+            build_init(&workspace_root(), None, &[]);
+            PathBuf::from(bin)
+        }
+        None => build_init(&workspace_root(), None, &[]),
+    })
 }
 
 /// Compiles one std-only source file with `rustc` into a static binary for `target`
@@ -457,10 +465,20 @@ impl Init {
         command: Option<&[&str]>,
         ignored: &[i32],
     ) -> Init {
+        Init::start_in(root.root(), env, command, ignored)
+    }
+
+    /// Like [`Init::start_ignoring`], in any root holding hakim-init at [`INIT_PATH`].
+    pub fn start_in(
+        root: &Path,
+        env: &[(&str, &str)],
+        command: Option<&[&str]>,
+        ignored: &[i32],
+    ) -> Init {
         let mut cmd = Command::new(tool("unshare"));
         cmd.args(["--pid", "--fork", "--mount", "--mount-proc", "--kill-child"])
             .arg(tool("chroot"))
-            .arg(root.root())
+            .arg(root)
             .arg(INIT_PATH);
         if let Some(c) = command {
             cmd.arg("--").args(c);
@@ -716,8 +734,12 @@ pub struct Hit {
 /// An HTTP/1.1 server on 127.0.0.1 (random port). Requests for `/bin/coder-linux-amd64` get the
 /// scripted replies in order, then `then` forever; any other path gets 404. Every request is
 /// recorded.
+/// Extra paths the server answers, with their bodies.
+type Files = Mutex<Vec<(String, Vec<u8>)>>;
+
 pub struct Server {
     port: u16,
+    files: Arc<Files>,
     hits: Arc<Mutex<Vec<Hit>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -731,14 +753,15 @@ impl Server {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let hits = Arc::new(Mutex::new(Vec::new()));
+        let files = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (h, s) = (hits.clone(), stop.clone());
+        let (h, s, f) = (hits.clone(), stop.clone(), files.clone());
         let thread = std::thread::spawn(move || {
             let mut script: VecDeque<Reply> = script.into();
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let _ = serve_one(stream, &mut script, &then, &h);
+                        let _ = serve_one(stream, &mut script, &then, &h, &f);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -746,6 +769,7 @@ impl Server {
         });
         Server {
             port,
+            files,
             hits,
             stop,
             thread: Some(thread),
@@ -759,6 +783,11 @@ impl Server {
 
     pub fn hits(&self) -> Vec<Hit> {
         self.hits.lock().unwrap().clone()
+    }
+
+    /// Serves `body` (200, `application/octet-stream`) at `path` from now on.
+    pub fn add_file(&self, path: &str, body: Vec<u8>) {
+        self.files.lock().unwrap().push((path.to_string(), body));
     }
 }
 
@@ -776,6 +805,7 @@ fn serve_one(
     script: &mut VecDeque<Reply>,
     then: &Reply,
     hits: &Mutex<Vec<Hit>>,
+    files: &Files,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -798,8 +828,16 @@ fn serve_one(
         at: Instant::now(),
         path: path.clone(),
     });
+    let file = files
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, b)| b.clone());
     let reply = if path == BINARY_PATH {
         script.pop_front().unwrap_or_else(|| then.clone())
+    } else if let Some(body) = file {
+        Reply::Body(body, "application/octet-stream")
     } else {
         Reply::Status(404)
     };

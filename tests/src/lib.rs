@@ -234,7 +234,7 @@ pub fn test_image() -> &'static TestImage {
 
 /// Runs `ci/<script> CACHE` (an idempotent image build into the test cache); returns the
 /// canonical cache directory.
-fn run_image_script(script: &str, what: &str) -> Result<PathBuf, String> {
+pub(crate) fn run_image_script(script: &str, what: &str) -> Result<PathBuf, String> {
     let cache = cache_dir();
     let script = workspace_root().join("ci").join(script);
     let started = std::time::Instant::now();
@@ -664,3 +664,4 @@ pub mod pve;
 pub mod pve_api;
 pub mod pytools;
 pub mod registry;
+pub mod session_root;

@@ -13,6 +13,9 @@
 //!
 //! - `FAKE_CODER_EXIT=<code>`: record, then exit with `code` at once (restart tests).
 //! - `FAKE_CODER_IGNORE_SIGNALS=1`: record signals but keep running (kill-escalation tests).
+//! - `FAKE_CODER_RUN=<program>`: after recording the start, run `program` once with exactly
+//!   the agent's environment and cwd (what the agent's terminals would get), then wait as
+//!   usual; the program reports what it found itself.
 //!
 //! Only std: the signal handler is installed through libc's `signal`, declared here, and
 //! everything else comes from `/proc/self/status`.
@@ -62,6 +65,9 @@ fn main() {
         }
     }
     record(&start_event(&args));
+    if let Some(program) = std::env::var_os("FAKE_CODER_RUN") {
+        let _ = std::process::Command::new(program).status();
+    }
 
     if let Some(code) = env_num("FAKE_CODER_EXIT") {
         record(&format!("{{\"event\":\"exit\",\"code\":{code}}}"));
