@@ -24,8 +24,9 @@ pub fn session_root() -> &'static Path {
     }
 }
 
-/// A writable view of a read-only root: `lower` below, the changes in a directory of its own;
-/// unmounted (and the changes removed) when dropped.
+/// A writable view of a read-only root: `lower` below, the changes in a tmpfs of their own
+/// (an overlayfs upper directory cannot be on an overlayfs, as in a Docker-run CI job);
+/// unmounted (and the changes gone) when dropped.
 pub struct Overlay {
     merged: PathBuf,
     state: PathBuf,
@@ -35,6 +36,12 @@ pub struct Overlay {
 impl Overlay {
     /// Mounts the view at `merged` (created), keeping its changes in `state` (created).
     pub fn mount(lower: &Path, merged: &Path, state: &Path) -> Overlay {
+        fs::create_dir_all(state).unwrap_or_else(|e| panic!("mkdir {}: {e}", state.display()));
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=256m,mode=0755", "tmpfs"])
+                .arg(state),
+        );
         let (upper, work) = (state.join("upper"), state.join("work"));
         for d in [merged, &upper, &work] {
             fs::create_dir_all(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
@@ -98,14 +105,14 @@ impl Overlay {
 impl Drop for Overlay {
     fn drop(&mut self) {
         let ok = |c: &mut Command| c.status().is_ok_and(|s| s.success());
-        if !ok(Command::new("umount").arg(&self.merged))
-            && !ok(Command::new("umount").arg("-l").arg(&self.merged))
-        {
-            eprintln!("session root: cannot unmount {}", self.merged.display());
-            return;
+        for dir in [&self.merged, &self.state] {
+            if !ok(Command::new("umount").arg(dir))
+                && !ok(Command::new("umount").arg("-l").arg(dir))
+            {
+                eprintln!("session root: cannot unmount {}", dir.display());
+                return;
+            }
         }
-        if std::env::var("HAKIM_E2E_KEEP").as_deref() != Ok("1") {
-            let _ = fs::remove_dir_all(&self.state);
-        }
+        let _ = fs::remove_dir(&self.state);
     }
 }
