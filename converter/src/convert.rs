@@ -2,23 +2,24 @@
 //! plus its `sha256sums.txt` line, and a summary for humans and CI.
 
 use std::io::{self, BufWriter};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use indicatif::ProgressBar;
 
 use crate::acceptance::{Check, MemberRules, Status, Stream};
 use crate::compress::{Encoder, OutputCompression};
-use crate::digest::Digest;
-use crate::flatten::{self, EmitOptions, EmitStats, Limits, NameStyle};
+use crate::flatten::{self, EmitOptions, EmitStats, Index, Limits, NameStyle};
 use crate::inject::{self, InjectOptions};
-use crate::layer::{Compression, LayerDesc};
+use crate::layer::Compression;
 use crate::ociout::{self, OciArchive, OciOptions};
 use crate::output::{self, HashWrite, PendingFile};
-use crate::registry::{push_layout, PushStats, Reference, RegistryOptions, RegistryStats};
-use crate::source::{self, BlobStore, Platform};
+use crate::registry::{PushStats, Reference, RegistryOptions, RegistryStats};
+use crate::source::registry::Downloads;
+use crate::source::{self, Platform, ResolvedImage};
 use crate::tarout::TarWriter;
 use crate::tree::Kind;
 
@@ -206,55 +207,100 @@ pub fn convert(opts: &ConvertOptions) -> Result<Summary> {
     })
 }
 
-/// Serves the injected layer from memory and every other layer from the source.
-struct WithInjectedLayer {
-    source: Box<dyn BlobStore>,
-    index: usize,
-    tar: std::sync::Arc<[u8]>,
-}
-
-impl BlobStore for WithInjectedLayer {
-    fn open_layer(&self, layer: &LayerDesc) -> Result<Box<dyn io::Read + Send>> {
-        if layer.index == self.index {
-            Ok(Box::new(io::Cursor::new(self.tar.clone())))
-        } else {
-            self.source.open_layer(layer)
-        }
-    }
-
-    fn blob_size(&self, layer: &LayerDesc) -> Result<Option<u64>> {
-        if layer.index == self.index {
-            Ok(Some(self.tar.len() as u64))
-        } else {
-            self.source.blob_size(layer)
-        }
-    }
-}
-
-/// The newest mtime in the merged tree: injected files are stamped with it when
-/// no `SOURCE_DATE_EPOCH` is set (reproducible, and never "now").
-fn newest_mtime(tree: &crate::tree::Tree) -> u64 {
-    let mut newest = 0;
-    tree.visit(|_, _, id| newest = newest.max(tree.inode(id).meta.mtime));
-    newest
-}
-
-/// Pass 1 reads at most this many layers at once: beyond it, memory for the
-/// members held until merged grows faster than the time saved.
-const MAX_PASS1_WORKERS: usize = 4;
-
-fn check_level(compression: OutputCompression, level: u32) -> Result<()> {
-    if compression == OutputCompression::Xz && level > 9
-        || compression == OutputCompression::Zstd && !(1..=22).contains(&level)
-        || compression == OutputCompression::Gzip && level > 9
-    {
-        bail!("level {level} is out of range for {compression:?}");
-    }
-    Ok(())
-}
-
+/// The job, step by step; each step is one of the functions below, in order.
 fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     let started = Instant::now();
+    let settings = validate(opts)?;
+    let registry = RegistryOptions {
+        cancel: opts.cancel.clone(),
+        ..opts.registry.clone()
+    };
+    let (image, downloads) = source::open_with(&opts.source, opts.platform.as_ref(), &registry)?;
+    let source_layers = image.layers.len();
+    cancelled(&opts.cancel)?;
+    let pass1 = index_source(opts, settings.threads, &image, downloads.as_ref())?;
+    let mut index = pass1.index;
+    cancelled(&opts.cancel)?;
+    let (image, injected) = inject_init(opts, image, &mut index)?;
+    let mut warnings = std::mem::take(&mut index.warnings);
+    let os_release = index
+        .captured_file("etc/os-release")
+        .or_else(|| index.captured_file("usr/lib/os-release"));
+    let naming = name_artifact(opts, &image, os_release.as_deref(), &mut warnings)?;
+    output::prepare_dir(&opts.output_dir)?;
+    let final_path = opts.output_dir.join(&naming.file_name);
+    let pending = PendingFile::create(&opts.output_dir)?;
+    // A write error names the artifact, however deep in a layer's copy it happened.
+    let (written, pass2_seconds) = write_artifact(
+        opts,
+        &settings,
+        &image,
+        &mut index,
+        &naming,
+        os_release.as_deref(),
+        &pending,
+    )
+    .map_err(|e| output::blame_output(e, &final_path))?;
+    cancelled(&opts.cancel)?;
+    warnings.extend(written.warnings);
+    let proxmox: Vec<Check> = written
+        .checks
+        .into_iter()
+        .filter(|c| c.status != Status::Pass)
+        .collect();
+    warnings.extend(proxmox.iter().map(Check::announce));
+    let sums_file = output::DirLock::acquire(&opts.output_dir)?
+        .publish(pending, &naming.file_name, &written.sha256)
+        .with_context(|| format!("cannot put {} in place", final_path.display()))?;
+    let push = push(
+        opts,
+        settings.push_target,
+        &image,
+        written.oci.as_ref(),
+        &final_path,
+        &registry,
+    )?;
+    let os_id = os_release
+        .as_deref()
+        .and_then(|t| output::os_release_field(t, "ID"));
+    Ok(Summary {
+        artifact: final_path,
+        file_name: naming.file_name,
+        size: written.size,
+        sha256: written.sha256,
+        sums_file,
+        format: opts.format,
+        compression: opts.compression,
+        level: settings.level,
+        source: source_summary(&image, &index, source_layers, os_id, pass1.registry),
+        entries: written.entries,
+        passes: PassTotals {
+            inflated_pass1_bytes: index.layers.iter().map(|s| s.uncompressed_bytes).sum(),
+            inflated_pass2_bytes: index.pass2.iter().map(|c| c.inflated_bytes).sum(),
+            pass1_seconds: pass1.seconds,
+            pass2_seconds,
+        },
+        injected,
+        oci: written.oci,
+        push,
+        proxmox,
+        warnings,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What checking the options settles.
+struct Settings {
+    /// Compression level.
+    level: u32,
+    /// Compression threads.
+    threads: u32,
+    /// `--push`, parsed.
+    push_target: Option<Reference>,
+}
+
+/// Step 1: refuses impossible options before anything is downloaded.
+fn validate(opts: &ConvertOptions) -> Result<Settings> {
     if let Some(name) = &opts.name {
         output::check_file_name(name)?;
     }
@@ -272,7 +318,6 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     if opts.keep_layers && opts.format != OutputFormat::OciArchive {
         bail!("--keep-layers only applies to --format oci-archive");
     }
-    // A bad push target is an error before anything is downloaded.
     let push_target = match &opts.push {
         None => None,
         Some(_) if opts.format != OutputFormat::OciArchive => {
@@ -289,19 +334,50 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     let level = opts.level.unwrap_or(opts.compression.default_level());
     check_level(opts.compression, level)?;
     if let Some(inj) = &opts.inject {
-        // Fail on a missing init before downloading gigabytes.
         std::fs::metadata(&inj.init_binary)
             .with_context(|| format!("--inject-init {}", inj.init_binary.display()))?;
     }
-    let registry = RegistryOptions {
-        cancel: opts.cancel.clone(),
-        ..opts.registry.clone()
-    };
-    let (mut image, downloads) =
-        source::open_with(&opts.source, opts.platform.as_ref(), &registry)?;
-    let source_layers = image.layers.len();
-    cancelled(&opts.cancel)?;
-    let spinner = match (opts.progress, &downloads) {
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    Ok(Settings {
+        level,
+        threads,
+        push_target,
+    })
+}
+
+fn check_level(compression: OutputCompression, level: u32) -> Result<()> {
+    if compression == OutputCompression::Xz && level > 9
+        || compression == OutputCompression::Zstd && !(1..=22).contains(&level)
+        || compression == OutputCompression::Gzip && level > 9
+    {
+        bail!("level {level} is out of range for {compression:?}");
+    }
+    Ok(())
+}
+
+/// Pass 1 reads at most this many layers at once: beyond it, memory for the
+/// members held until merged grows faster than the time saved.
+const MAX_PASS1_WORKERS: usize = 4;
+
+/// What pass 1 found and what it cost.
+struct Pass1 {
+    index: Index,
+    seconds: f64,
+    /// Registry sources: what was downloaded.
+    registry: Option<RegistryStats>,
+}
+
+/// Step 2, pass 1: verifies and indexes every source layer behind a spinner.
+/// It opens every layer, so every download is over when it returns.
+fn index_source(
+    opts: &ConvertOptions,
+    threads: u32,
+    image: &ResolvedImage,
+    downloads: Option<&Downloads>,
+) -> Result<Pass1> {
+    let spinner = match (opts.progress, downloads) {
         // Layers still download during pass 1: one display for both.
         (true, Some(d)) => d.join_display(indicatif::ProgressBar::new_spinner()),
         (true, None) => indicatif::ProgressBar::new_spinner(),
@@ -312,59 +388,70 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         spinner.set_message(format!("verifying and indexing layer {}/{n}", i + 1));
         spinner.tick();
     };
-    let limits = Limits {
-        max_sparse_size: opts.max_sparse_size,
-    };
-    let threads = opts
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
-    let pass1_started = Instant::now();
-    let mut index = flatten::index_layers(
-        &image,
+    let started = Instant::now();
+    let index = flatten::index_layers(
+        image,
         opts.source_date_epoch.unwrap_or(0),
-        limits,
+        Limits {
+            max_sparse_size: opts.max_sparse_size,
+        },
         (threads as usize).min(MAX_PASS1_WORKERS),
         &mut on_layer,
     )?;
-    let pass1_seconds = pass1_started.elapsed().as_secs_f64();
-    // Pass 1 opened every layer, so every download is over.
-    let registry_stats = downloads.as_ref().map(|d| d.finish()).transpose()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let registry = downloads.map(|d| d.finish()).transpose()?;
     spinner.finish_and_clear();
-    cancelled(&opts.cancel)?;
+    Ok(Pass1 {
+        index,
+        seconds,
+        registry,
+    })
+}
 
-    let mut injected = Vec::new();
-    if let Some(inj) = &opts.inject {
-        let mtime = opts
-            .source_date_epoch
-            .unwrap_or_else(|| newest_mtime(&index.tree));
-        let layer = inject::build_layer(&mut index.tree, &image, inj, mtime)?;
-        index.warnings.extend(layer.warnings);
-        injected = layer.added;
-        let digest = Digest::of_bytes(&layer.layer_tar);
-        let desc = LayerDesc {
-            index: source_layers,
-            digest: Some(digest.clone()),
-            size: Some(layer.layer_tar.len() as u64),
-            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-            diff_id: digest,
-        };
-        let source = std::mem::replace(&mut image.blobs, Box::new(source::NoBlobs));
-        image.blobs = Box::new(WithInjectedLayer {
-            source,
-            index: source_layers,
-            tar: layer.layer_tar.into(),
-        });
-        image.layers.push(desc.clone());
-        flatten::index_layer(&mut index, &image, &desc).context("injecting hakim-init")?;
-    }
-    let mut warnings = std::mem::take(&mut index.warnings);
+/// Step 3, `--inject-init`: builds the hakim-init layer on the merged tree,
+/// puts it on top of the image (served from memory) and indexes it like the
+/// others. Returns the image with it and the paths it added.
+fn inject_init(
+    opts: &ConvertOptions,
+    image: ResolvedImage,
+    index: &mut Index,
+) -> Result<(ResolvedImage, Vec<String>)> {
+    let Some(inj) = &opts.inject else {
+        return Ok((image, Vec::new()));
+    };
+    let mtime = opts
+        .source_date_epoch
+        .unwrap_or_else(|| newest_mtime(&index.tree));
+    let layer = inject::build_layer(&mut index.tree, &image, inj, mtime)?;
+    index.warnings.extend(layer.warnings);
+    let (image, top) = image.with_top_layer(layer.layer_tar);
+    flatten::index_layer(index, &image, &top).context("injecting hakim-init")?;
+    Ok((image, layer.added))
+}
 
-    let os_release = index
-        .captured_file("etc/os-release")
-        .or_else(|| index.captured_file("usr/lib/os-release"));
-    let os_id = os_release
-        .as_deref()
-        .and_then(|t| output::os_release_field(t, "ID"));
+/// The newest mtime in the merged tree: injected files are stamped with it when
+/// no `SOURCE_DATE_EPOCH` is set (reproducible, and never "now").
+fn newest_mtime(tree: &crate::tree::Tree) -> u64 {
+    let mut newest = 0;
+    tree.visit(|_, _, id| newest = newest.max(tree.inode(id).meta.mtime));
+    newest
+}
+
+/// What the artifact is called.
+struct Naming {
+    file_name: String,
+    /// OCI archive: the tag in its name and index.
+    tag: String,
+}
+
+/// Step 4: names the artifact from the options, else from the image and its
+/// os-release (a release it cannot find is `unknown`, with a warning).
+fn name_artifact(
+    opts: &ConvertOptions,
+    image: &ResolvedImage,
+    os_release: Option<&[u8]>,
+    warnings: &mut Vec<String>,
+) -> Result<Naming> {
     let base_name = match &opts.variant {
         Some(v) => format!("hakim-{v}"),
         None => image.repository.clone().unwrap_or_else(|| "image".into()),
@@ -379,7 +466,6 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
             let release = match &opts.release {
                 Some(r) => r.clone(),
                 None => os_release
-                    .as_deref()
                     .and_then(|t| {
                         output::os_release_field(t, "VERSION_CODENAME")
                             .or_else(|| output::os_release_field(t, "VERSION_ID"))
@@ -407,11 +493,67 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         },
     };
     output::check_file_name(&file_name)?;
+    Ok(Naming { file_name, tag })
+}
 
-    output::prepare_dir(&opts.output_dir)?;
-    let final_path = opts.output_dir.join(&file_name);
+/// What pass 2 wrote into the pending file.
+struct Written {
+    entries: EmitStats,
+    oci: Option<OciArchive>,
+    sha256: String,
+    size: u64,
+    /// Proxmox's acceptance rules, evaluated on what was written.
+    checks: Vec<Check>,
+    warnings: Vec<String>,
+}
 
-    // Progress over the bytes of file content to copy (sparse files: their data).
+/// A pass-2 tick: `n` more bytes of file content copied; an error aborts.
+type Tick<'a> = &'a mut dyn FnMut(u64) -> io::Result<()>;
+
+/// Step 5, pass 2: writes the artifact into `pending` behind a progress bar;
+/// returns it with the pass's wall time.
+fn write_artifact(
+    opts: &ConvertOptions,
+    settings: &Settings,
+    image: &ResolvedImage,
+    index: &mut Index,
+    naming: &Naming,
+    os_release: Option<&[u8]>,
+    pending: &PendingFile,
+) -> Result<(Written, f64)> {
+    let bar = write_progress(opts, index, &naming.file_name);
+    let _logs_suspend_bar = crate::diag::register_bar(&bar);
+    let cancel = opts.cancel.clone();
+    let mut tick = |n: u64| {
+        bar.inc(n);
+        cancelled(&cancel)
+    };
+    let started = Instant::now();
+    let written = match opts.format {
+        OutputFormat::Rootfs => {
+            write_rootfs(opts, settings, image, index, os_release, pending, &mut tick)
+        }
+        OutputFormat::OciArchive => write_oci_archive(
+            opts,
+            settings,
+            image,
+            index,
+            &naming.tag,
+            pending,
+            &mut tick,
+        ),
+    }?;
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok((written, seconds))
+}
+
+/// Pass 2's bar, over the bytes of file content to copy (sparse files: their
+/// data); hidden without `--progress` and with `--keep-layers`.
+fn write_progress(opts: &ConvertOptions, index: &Index, file_name: &str) -> ProgressBar {
+    if !opts.progress || opts.keep_layers {
+        return ProgressBar::hidden();
+    }
     let mut total = 0u64;
     let mut seen = std::collections::HashSet::new();
     index.tree.visit(|_, _, id| {
@@ -421,132 +563,140 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
             }
         }
     });
-    drop(seen);
-    let bar = if opts.progress && !opts.keep_layers {
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_message(format!("writing {file_name}"));
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let _logs_suspend_bar = crate::diag::register_bar(&bar);
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("writing {file_name}"));
+    bar
+}
 
-    let pending = PendingFile::create(&opts.output_dir)?;
-    let cancel = opts.cancel.clone();
-    let mut tick = |n: u64| {
-        bar.inc(n);
-        cancelled(&cancel)
+/// Pass 2 for a rootfs template: the flattened tree as one compressed tar.
+fn write_rootfs(
+    opts: &ConvertOptions,
+    settings: &Settings,
+    image: &ResolvedImage,
+    index: &mut Index,
+    os_release: Option<&[u8]>,
+    pending: &PendingFile,
+    tick: Tick,
+) -> Result<Written> {
+    let hashed = HashWrite::new(pending.output());
+    let encoder = Encoder::new(opts.compression, settings.level, settings.threads, hashed)?;
+    let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, encoder));
+    tar.check_with(MemberRules::new(Stream::Rootfs));
+    let (entries, warnings) = flatten::emit(
+        image,
+        index,
+        &EmitOptions {
+            clamp_mtime: opts.source_date_epoch,
+            names: NameStyle::Rootfs,
+        },
+        &mut tar,
+        tick,
+    )?;
+    let rules = tar.take_rules().expect("rules were given");
+    let checks = rules.finish(os_release);
+    let encoder = tar
+        .finish()
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .context("cannot write the artifact")?;
+    let hashed = encoder.finish().context("cannot finish compression")?;
+    let (sha256, size, _) = hashed.finish();
+    Ok(Written {
+        entries,
+        oci: None,
+        sha256,
+        size,
+        checks,
+        warnings,
+    })
+}
+
+/// Pass 2 for an OCI archive: one flattened layer (or the kept ones), the
+/// config and the manifest.
+fn write_oci_archive(
+    opts: &ConvertOptions,
+    settings: &Settings,
+    image: &ResolvedImage,
+    index: &mut Index,
+    tag: &str,
+    pending: &PendingFile,
+    tick: Tick,
+) -> Result<Written> {
+    let mut archive = ociout::write(
+        pending.output(),
+        image,
+        index,
+        &OciOptions {
+            compression: opts.compression,
+            level: settings.level,
+            threads: settings.threads,
+            keep_layers: opts.keep_layers,
+            init_injected: opts.inject.is_some(),
+            tag: tag.to_string(),
+            source_date_epoch: opts.source_date_epoch,
+        },
+        tick,
+    )?;
+    let (sha256, size) = output::hash_file(pending.file())?;
+    Ok(Written {
+        entries: archive.entries.take().unwrap_or_default(),
+        sha256,
+        size,
+        checks: std::mem::take(&mut archive.checks),
+        warnings: std::mem::take(&mut archive.warnings),
+        oci: Some(archive),
+    })
+}
+
+/// Step 6, `--push`: uploads the archive just published at `path`. Kept
+/// layers already live in the source repository: they are mounted from there
+/// when it is on the same registry.
+fn push(
+    opts: &ConvertOptions,
+    target: Option<Reference>,
+    image: &ResolvedImage,
+    archive: Option<&OciArchive>,
+    path: &Path,
+    registry: &RegistryOptions,
+) -> Result<Option<PushSummary>> {
+    let Some(target) = target else {
+        return Ok(None);
     };
-    // Proxmox's acceptance rules, evaluated on what is written.
-    let mut checks: Vec<Check> = Vec::new();
-    // Where a write fails (a full disk), the error names the output, however
-    // deep in a layer's copy it happened.
-    let pass2_started = Instant::now();
-    let written = (|| -> Result<_> {
-        Ok(match opts.format {
-            OutputFormat::Rootfs => {
-                let hashed = HashWrite::new(pending.output());
-                let encoder = Encoder::new(opts.compression, level, threads, hashed)?;
-                let mut tar = TarWriter::new(BufWriter::with_capacity(1 << 20, encoder));
-                tar.check_with(MemberRules::new(Stream::Rootfs));
-                let (stats, emit_warnings) = flatten::emit(
-                    &image,
-                    &mut index,
-                    &EmitOptions {
-                        clamp_mtime: opts.source_date_epoch,
-                        names: NameStyle::Rootfs,
-                    },
-                    &mut tar,
-                    &mut tick,
-                )?;
-                warnings.extend(emit_warnings);
-                let rules = tar.take_rules().expect("rules were given");
-                checks = rules.finish(os_release.as_deref());
-                let encoder = tar
-                    .finish()
-                    .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-                    .context("cannot write the artifact")?;
-                let hashed = encoder.finish().context("cannot finish compression")?;
-                let (sha256, size, _) = hashed.finish();
-                (stats, None, sha256, size)
+    let archive = archive.expect("--push is refused without --format oci-archive");
+    let reference = target.to_string();
+    let mut request = archive.push_request(path, target.clone());
+    if opts.keep_layers {
+        if let Ok(source) = Reference::parse(&image.reference) {
+            if source.registry == target.registry && image.repository.is_some() {
+                request.mount_from = Some(source.repository);
             }
-            OutputFormat::OciArchive => {
-                let mut archive = ociout::write(
-                    pending.output(),
-                    &image,
-                    &mut index,
-                    &OciOptions {
-                        compression: opts.compression,
-                        level,
-                        threads,
-                        keep_layers: opts.keep_layers,
-                        init_injected: opts.inject.is_some(),
-                        tag: tag.clone(),
-                        source_date_epoch: opts.source_date_epoch,
-                    },
-                    &mut tick,
-                )?;
-                warnings.append(&mut archive.warnings);
-                checks = std::mem::take(&mut archive.checks);
-                let (sha256, size) = output::hash_file(pending.file())?;
-                (
-                    archive.entries.take().unwrap_or_default(),
-                    Some(archive),
-                    sha256,
-                    size,
-                )
-            }
-        })
-    })();
-    let (entries, oci, sha256, size) = written.map_err(|e| output::blame_output(e, &final_path))?;
-    let pass2_seconds = pass2_started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-    cancelled(&opts.cancel)?;
-    let proxmox: Vec<Check> = checks
-        .into_iter()
-        .filter(|c| c.status != Status::Pass)
-        .collect();
-    warnings.extend(proxmox.iter().map(Check::announce));
-    let sums_file = output::DirLock::acquire(&opts.output_dir)?
-        .publish(pending, &file_name, &sha256)
-        .with_context(|| format!("cannot put {} in place", final_path.display()))?;
-    let push = match push_target {
-        None => None,
-        Some(target) => {
-            let reference = target.to_string();
-            let mut request = push_layout::from_oci_archive(&final_path, target.clone())?;
-            // Kept layers already live in the source repository: mount them there.
-            if opts.keep_layers {
-                if let Ok(source) = Reference::parse(&image.reference) {
-                    if source.registry == target.registry && image.repository.is_some() {
-                        request.mount_from = Some(source.repository);
-                    }
-                }
-            }
-            let stats = crate::registry::push(&request, &registry).with_context(|| {
-                format!(
-                    "{} was written, but pushing it to {reference} failed",
-                    final_path.display()
-                )
-            })?;
-            Some(PushSummary { reference, stats })
         }
-    };
+    }
+    let stats = crate::registry::push(&request, registry).with_context(|| {
+        format!(
+            "{} was written, but pushing it to {reference} failed",
+            path.display()
+        )
+    })?;
+    Ok(Some(PushSummary { reference, stats }))
+}
 
+/// Step 7, the summary's source part: the image and, per source layer (the
+/// injected one left out), what both passes read.
+fn source_summary(
+    image: &ResolvedImage,
+    index: &Index,
+    source_layers: usize,
+    os_id: Option<String>,
+    registry: Option<RegistryStats>,
+) -> SourceSummary {
     let pass2 = |place: usize| index.pass2.get(place).copied().unwrap_or_default();
-    let passes = PassTotals {
-        inflated_pass1_bytes: index.layers.iter().map(|s| s.uncompressed_bytes).sum(),
-        inflated_pass2_bytes: index.pass2.iter().map(|c| c.inflated_bytes).sum(),
-        pass1_seconds,
-        pass2_seconds,
-    };
     let layers = image
         .layers
         .iter()
@@ -566,33 +716,15 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
             pass2_seconds: pass2(place).seconds,
         })
         .collect();
-    Ok(Summary {
-        artifact: final_path,
-        file_name,
-        size,
-        sha256,
-        sums_file,
-        format: opts.format,
-        compression: opts.compression,
-        level,
-        source: SourceSummary {
-            reference: image.reference.clone(),
-            repository: image.repository.clone(),
-            tag: image.tag.clone(),
-            manifest_digest: image.manifest_digest.as_ref().map(|d| d.to_string()),
-            config_digest: image.config_digest.as_ref().map(|d| d.to_string()),
-            platform: image.platform.to_string(),
-            os_id,
-            layers,
-            registry: registry_stats,
-        },
-        entries,
-        passes,
-        injected,
-        oci,
-        push,
-        proxmox,
-        warnings,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    SourceSummary {
+        reference: image.reference.clone(),
+        repository: image.repository.clone(),
+        tag: image.tag.clone(),
+        manifest_digest: image.manifest_digest.as_ref().map(|d| d.to_string()),
+        config_digest: image.config_digest.as_ref().map(|d| d.to_string()),
+        platform: image.platform.to_string(),
+        os_id,
+        layers,
+        registry,
+    }
 }

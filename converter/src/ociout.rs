@@ -13,6 +13,7 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
@@ -24,6 +25,7 @@ use crate::flatten::{self, EmitOptions, EmitStats, Index, NameStyle};
 use crate::inject;
 use crate::layer::{self, Compression};
 use crate::output::{HashWrite, OutputFile};
+use crate::registry::{BlobUpload, PushRequest, Reference};
 use crate::source::ResolvedImage;
 use crate::tarout::TarWriter;
 
@@ -498,8 +500,36 @@ pub fn oci_config(
     Ok(serde_json::to_vec(&Value::Object(config))?)
 }
 
-/// Reads a blob back from a written archive (for pushing).
-pub fn open_blob(path: &std::path::Path, blob: &BlobRef) -> Result<Box<dyn Read + Send>> {
+impl OciArchive {
+    /// What `--push` uploads of this archive, written to `path`: the manifest
+    /// from memory, the config and layers read at their known offsets (the
+    /// archive is not scanned again).
+    pub fn push_request(&self, path: &Path, target: Reference) -> PushRequest {
+        let mut blobs: Vec<BlobUpload> = Vec::new();
+        for blob in std::iter::once(&self.config).chain(&self.layers) {
+            // Kept layers may repeat a blob; it is uploaded once.
+            if blobs.iter().any(|b| b.digest == blob.digest) {
+                continue;
+            }
+            let (path, blob) = (path.to_path_buf(), blob.clone());
+            blobs.push(BlobUpload {
+                digest: blob.digest.clone(),
+                size: blob.size,
+                open: Box::new(move || open_blob(&path, &blob)),
+            });
+        }
+        PushRequest {
+            target,
+            manifest: self.manifest_json.clone(),
+            manifest_media_type: self.manifest.media_type.clone(),
+            blobs,
+            mount_from: None,
+        }
+    }
+}
+
+/// Reads a blob back from a written archive.
+fn open_blob(path: &Path, blob: &BlobRef) -> Result<Box<dyn Read + Send>> {
     let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     f.seek(SeekFrom::Start(blob.offset))?;
     Ok(Box::new(f.take(blob.size)))

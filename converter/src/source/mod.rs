@@ -15,8 +15,9 @@ pub mod registry;
 pub(crate) mod tar_index;
 
 use std::fmt;
-use std::io::Read;
+use std::io::{self, Read};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
@@ -104,12 +105,29 @@ pub trait BlobStore: Send + Sync {
     }
 }
 
-/// A store with no blobs (a placeholder while another store is being wrapped).
-pub struct NoBlobs;
+/// The image's own store, with one more layer (an uncompressed tar held in
+/// memory) on top.
+struct WithTopLayer {
+    below: Box<dyn BlobStore>,
+    index: usize,
+    tar: Arc<[u8]>,
+}
 
-impl BlobStore for NoBlobs {
+impl BlobStore for WithTopLayer {
     fn open_layer(&self, layer: &LayerDesc) -> Result<Box<dyn Read + Send>> {
-        bail!("{}: no blob store", layer.label())
+        if layer.index == self.index {
+            Ok(Box::new(io::Cursor::new(self.tar.clone())))
+        } else {
+            self.below.open_layer(layer)
+        }
+    }
+
+    fn blob_size(&self, layer: &LayerDesc) -> Result<Option<u64>> {
+        if layer.index == self.index {
+            Ok(Some(self.tar.len() as u64))
+        } else {
+            self.below.blob_size(layer)
+        }
     }
 }
 
@@ -130,6 +148,34 @@ pub struct ResolvedImage {
     pub blobs: Box<dyn BlobStore>,
     /// Notes from resolution (media type oddities, platform fallbacks).
     pub warnings: Vec<String>,
+}
+
+impl ResolvedImage {
+    /// This image with `tar`, an uncompressed layer held in memory, on top of
+    /// its layers; returns the new layer's descriptor too.
+    pub fn with_top_layer(self, tar: Vec<u8>) -> (ResolvedImage, LayerDesc) {
+        let digest = Digest::of_bytes(&tar);
+        let top = LayerDesc {
+            index: self.layers.len(),
+            digest: Some(digest.clone()),
+            size: Some(tar.len() as u64),
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            diff_id: digest,
+        };
+        let mut layers = self.layers;
+        layers.push(top.clone());
+        let blobs = Box::new(WithTopLayer {
+            below: self.blobs,
+            index: top.index,
+            tar: tar.into(),
+        });
+        let image = ResolvedImage {
+            layers,
+            blobs,
+            ..self
+        };
+        (image, top)
+    }
 }
 
 /// The transports this build understands.
