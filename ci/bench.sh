@@ -30,8 +30,9 @@
 #   HAKIM_BENCH_KEEP_STORAGE  1 = keep buildah's vfs storage after export (≈ 15 GB)
 #   HAKIM_BENCH_INIT          0 = skip ci/bench-init.sh
 #   HAKIM_BENCH_ROWS          the row groups to run, comma-separated (default: all):
-#                             pipeline, ours, floor, registry, curve, init. Goals whose
-#                             rows were not run say so instead of a verdict.
+#                             pipeline, pipeline_xz, ours, ours_xz, floor, floor_xz,
+#                             registry, curve, init (the *_xz rows are the slow ones).
+#                             Goals whose rows were not run say so instead of a verdict.
 #   KEEP                      1 = keep the work directory (CACHE/run.PID) afterwards
 #
 # Needs root, debootstrap, buildah, skopeo, umoci, xz, zstd, jq, GNU time, docker-registry,
@@ -82,8 +83,8 @@ for arg in "$@"; do
     esac
 done
 
-ROWS=",${HAKIM_BENCH_ROWS:-pipeline,ours,floor,registry,curve,init},"
-((no_ours == 0)) || ROWS=${ROWS//,ours,/,}
+ROWS=",${HAKIM_BENCH_ROWS:-pipeline,pipeline_xz,ours,ours_xz,floor,floor_xz,registry,curve,init},"
+((no_ours == 0)) || { ROWS=${ROWS//,ours,/,} && ROWS=${ROWS//,ours_xz,/,}; }
 ((no_registry == 0)) || ROWS=${ROWS//,registry,/,}
 [[ ${HAKIM_BENCH_INIT:-1} == 1 ]] || ROWS=${ROWS//,init,/,}
 want() { [[ $ROWS == *,$1,* ]]; }
@@ -266,8 +267,8 @@ measure() {
     return "$rc"
 }
 
-mb() { awk -v b="$1" 'BEGIN{printf "%.1f", b/1e6}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 > 0) printf "%.2f", a/b; else printf "n/a" }'; }
+mb() { awk -v b="$1" 'BEGIN{ if (b == "") printf "–"; else printf "%.1f", b/1e6 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a != "" && b+0 > 0) printf "%.2f", a/b; else printf "n/a" }'; }
 sum() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a+b}'; }
 sum3() { awk -v a="$1" -v b="$2" -v c="$3" 'BEGIN{printf "%.2f", a+b+c}'; }
 maxf() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", (a+0 > b+0) ? a : b}'; }
@@ -355,11 +356,13 @@ log "pipeline: umoci raw unpack"
 measure pipe_unpack umoci raw unpack --image "$WORK/pipe-oci:bench" "$WORK/pipe-root" || die "umoci raw unpack failed"
 FLAT_BYTES=$(du -s --apparent-size -B1 "$WORK/pipe-root" | cut -f1)
 FLAT_ENTRIES=$(find "$WORK/pipe-root" -mindepth 1 | wc -l)
+if want pipeline_xz; then
 log "pipeline: tar | xz -T$THREADS -$XZ_LEVEL"
 # shellcheck disable=SC2016 # positional args expand in the inner shell
 measure pipe_xz bash -c 'set -o pipefail; tar --sort=name --numeric-owner -C "$1" -cf - . | xz -T"$2" -"$3" >"$4"' \
     _ "$WORK/pipe-root" "$THREADS" "$XZ_LEVEL" "$WORK/pipe.tar.xz" || die "tar | xz failed"
 SIZE[pipe_xz]=$(stat -c %s "$WORK/pipe.tar.xz")
+fi
 log "pipeline: tar | zstd -$ZSTD_LEVEL -T$THREADS"
 # shellcheck disable=SC2016 # positional args expand in the inner shell
 measure pipe_zstd bash -c 'set -o pipefail; tar --sort=name --numeric-owner -C "$1" -cf - . | zstd -q -"$3" -T"$2" >"$4"' \
@@ -368,11 +371,11 @@ SIZE[pipe_zstd]=$(stat -c %s "$WORK/pipe.tar.zst")
 fi
 
 # --- ours and the floor, interleaved so that background load hits both alike ---
-floor() { # floor NAME CMD... : compress $FLOOR_INPUT to $WORK/NAME.out
-    local name=$1
-    shift
+floor() { # floor NAME ROWS CMD... : compress $FLOOR_INPUT to $WORK/NAME.out
+    local name=$1 rows=$2
+    shift 2
     log "floor: $*"
-    if [[ -z $FLOOR_INPUT ]] || ! want floor; then
+    if [[ -z $FLOOR_INPUT ]] || ! want "$rows"; then
         NOTE[$name]="not run"
         return 0
     fi
@@ -398,7 +401,7 @@ if ((ours_avail)); then
 fi
 FLOOR_INPUT="" FLOOR_SRC="no uncompressed tar (neither ours nor the pipeline ran)"
 # `ours none` is also the 1× point of the curve.
-if ((ours_avail)) && { want ours || want curve; } && run_ours ours_none none; then
+if ((ours_avail)) && { want ours || want ours_xz || want curve || want floor || want floor_xz; } && run_ours ours_none none; then
     FLOOR_INPUT=${ARTIFACT[ours_none]}
     FLOOR_SRC="our uncompressed tar (--compression none)"
     if want ours; then
@@ -430,11 +433,11 @@ if [[ -n $FLOOR_INPUT ]]; then
 fi
 rm -rf "$WORK/pipe-root" "$WORK/pipe-oci"
 
-floor floor_xz xz -T"$THREADS" -"$XZ_LEVEL" -c
-if ((ours_avail)) && want ours; then
+floor floor_xz floor_xz xz -T"$THREADS" -"$XZ_LEVEL" -c
+if ((ours_avail)) && want ours_xz; then
     run_ours ours_xz xz "$XZ_LEVEL" || { ours_ok=0 && OURS_STATUS="failed (see notes)"; }
 fi
-floor floor_zstd zstd -q -"$ZSTD_LEVEL" -T"$THREADS" -c
+floor floor_zstd floor zstd -q -"$ZSTD_LEVEL" -T"$THREADS" -c
 if ((ours_avail)) && want ours; then
     run_ours ours_zstd zstd "$ZSTD_LEVEL" || { ours_ok=0 && OURS_STATUS="failed (see notes)"; }
 fi
@@ -567,6 +570,9 @@ PIPE_XZ_WALL=$(sum3 "${WALL[pipe_copy]}" "${WALL[pipe_unpack]}" "${WALL[pipe_xz]
 PIPE_ZSTD_WALL=$(sum3 "${WALL[pipe_copy]}" "${WALL[pipe_unpack]}" "${WALL[pipe_zstd]}")
 PIPE_XZ_CPUS=$(sum3 "${CPUS[pipe_copy]}" "${CPUS[pipe_unpack]}" "${CPUS[pipe_xz]}")
 PIPE_ZSTD_CPUS=$(sum3 "${CPUS[pipe_copy]}" "${CPUS[pipe_unpack]}" "${CPUS[pipe_zstd]}")
+# A total of steps that did not all run is no total.
+[[ -n ${WALL[pipe_xz]} ]] || PIPE_XZ_WALL="" PIPE_XZ_CPUS=""
+[[ -n ${WALL[pipe_zstd]} ]] || PIPE_ZSTD_WALL="" PIPE_ZSTD_CPUS=""
 PIPE_XZ_RSS=$(maxf "$(maxf "${RSS[pipe_copy]}" "${RSS[pipe_unpack]}")" "${RSS[pipe_xz]}")
 PIPE_ZSTD_RSS=$(maxf "$(maxf "${RSS[pipe_copy]}" "${RSS[pipe_unpack]}")" "${RSS[pipe_zstd]}")
 
@@ -600,8 +606,10 @@ TABLE=$(
     row "pipeline: umoci unpack" "\`umoci raw unpack\` to a directory" pipe_unpack
     row "pipeline: tar \\| xz" "\`tar --sort=name --numeric-owner \\| xz -T$THREADS -$XZ_LEVEL\`" pipe_xz
     row "pipeline: tar \\| zstd" "\`tar --sort=name --numeric-owner \\| zstd -$ZSTD_LEVEL -T$THREADS\`" pipe_zstd
-    if want pipeline; then
+    if want pipeline && want pipeline_xz; then
         echo "| **pipeline xz total** | copy + unpack + tar\\|xz | **$PIPE_XZ_WALL** | | $PIPE_XZ_CPUS | $PIPE_XZ_RSS | $(mb "${SIZE[pipe_xz]}") |"
+    fi
+    if want pipeline; then
         echo "| **pipeline zstd total** | copy + unpack + tar\\|zstd | **$PIPE_ZSTD_WALL** | | $PIPE_ZSTD_CPUS | $PIPE_ZSTD_RSS | $(mb "${SIZE[pipe_zstd]}") |"
     fi
     row "floor xz" "\`xz -T$THREADS -$XZ_LEVEL\` of $FLOOR_SRC" floor_xz

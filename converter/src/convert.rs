@@ -253,8 +253,9 @@ fn check_level(compression: OutputCompression, level: u32) -> Result<()> {
     Ok(())
 }
 
-fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
-    let started = Instant::now();
+/// Step 1: everything that can be refused before anything is downloaded: the
+/// push target (parsed) and the compression level.
+fn check_options(opts: &ConvertOptions) -> Result<(Option<Reference>, u32)> {
     if let Some(name) = &opts.name {
         output::check_file_name(name)?;
     }
@@ -293,6 +294,124 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         std::fs::metadata(&inj.init_binary)
             .with_context(|| format!("--inject-init {}", inj.init_binary.display()))?;
     }
+    Ok((push_target, level))
+}
+
+/// Step 3 (with `--inject-init`): builds hakim-init's layer on top of the
+/// merged tree, serves it next to the source's blobs and indexes it like any
+/// other layer. Returns the paths it added.
+fn inject_init(
+    opts: &ConvertOptions,
+    inj: &InjectOptions,
+    image: &mut source::ResolvedImage,
+    index: &mut flatten::Index,
+) -> Result<Vec<String>> {
+    let source_layers = image.layers.len();
+    let mtime = opts
+        .source_date_epoch
+        .unwrap_or_else(|| newest_mtime(&index.tree));
+    let layer = inject::build_layer(&mut index.tree, image, inj, mtime)?;
+    index.warnings.extend(layer.warnings);
+    let injected = layer.added;
+    let digest = Digest::of_bytes(&layer.layer_tar);
+    let desc = LayerDesc {
+        index: source_layers,
+        digest: Some(digest.clone()),
+        size: Some(layer.layer_tar.len() as u64),
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        diff_id: digest,
+    };
+    let source = std::mem::replace(&mut image.blobs, Box::new(source::NoBlobs));
+    image.blobs = Box::new(WithInjectedLayer {
+        source,
+        index: source_layers,
+        tar: layer.layer_tar.into(),
+    });
+    image.layers.push(desc.clone());
+    flatten::index_layer(index, image, &desc).context("injecting hakim-init")?;
+    Ok(injected)
+}
+
+/// Step 4: the artifact's file name: given, or from the variant, the release
+/// (os-release) and the architecture; OCI archives by name and tag.
+fn artifact_file_name(
+    opts: &ConvertOptions,
+    image: &source::ResolvedImage,
+    os_release: Option<&[u8]>,
+    base_name: &str,
+    tag: &str,
+    warnings: &mut Vec<String>,
+) -> Result<String> {
+    let file_name = match opts.format {
+        OutputFormat::Rootfs => {
+            let release = match &opts.release {
+                Some(r) => r.clone(),
+                None => os_release
+                    .and_then(|t| {
+                        output::os_release_field(t, "VERSION_CODENAME")
+                            .or_else(|| output::os_release_field(t, "VERSION_ID"))
+                    })
+                    .unwrap_or_else(|| {
+                        warnings.push(
+                            "no VERSION_CODENAME in os-release; release named 'unknown'".into(),
+                        );
+                        "unknown".into()
+                    }),
+            };
+            let arch = output::arch_name(
+                &image.platform.architecture,
+                image.platform.variant.as_deref(),
+            );
+            let stem = match &opts.name {
+                Some(n) => n.clone(),
+                None => output::artifact_stem(base_name, None, &release, &arch),
+            };
+            format!("{stem}{}", opts.compression.extension())
+        }
+        OutputFormat::OciArchive => match &opts.name {
+            Some(n) => format!("{n}.tar"),
+            None => ociout::archive_name(&output::sanitize(base_name), tag)?,
+        },
+    };
+    output::check_file_name(&file_name)?;
+    Ok(file_name)
+}
+
+/// Step 7 (with `--push`): sends the archive just written to its registry;
+/// kept layers already in the source repository are mounted, not uploaded.
+fn push_archive(
+    opts: &ConvertOptions,
+    image: &source::ResolvedImage,
+    final_path: &std::path::Path,
+    target: Reference,
+    registry: &RegistryOptions,
+) -> Result<PushSummary> {
+    let reference = target.to_string();
+    let mut request = push_layout::from_oci_archive(final_path, target.clone())?;
+    // Kept layers already live in the source repository: mount them there.
+    if opts.keep_layers {
+        if let Ok(source) = Reference::parse(&image.reference) {
+            if source.registry == target.registry && image.repository.is_some() {
+                request.mount_from = Some(source.repository);
+            }
+        }
+    }
+    let stats = crate::registry::push(&request, registry).with_context(|| {
+        format!(
+            "{} was written, but pushing it to {reference} failed",
+            final_path.display()
+        )
+    })?;
+    Ok(PushSummary { reference, stats })
+}
+
+/// The conversion, step by step: check the options (before any download), open
+/// the source and index its layers (pass 1, overlapping registry downloads),
+/// inject hakim-init, name the artifact, write it (pass 2) into a pending file,
+/// publish it with its sums line, push it, and summarise.
+fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
+    let started = Instant::now();
+    let (push_target, level) = check_options(opts)?;
     let registry = RegistryOptions {
         cancel: opts.cancel.clone(),
         ..opts.registry.clone()
@@ -332,31 +451,10 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
     spinner.finish_and_clear();
     cancelled(&opts.cancel)?;
 
-    let mut injected = Vec::new();
-    if let Some(inj) = &opts.inject {
-        let mtime = opts
-            .source_date_epoch
-            .unwrap_or_else(|| newest_mtime(&index.tree));
-        let layer = inject::build_layer(&mut index.tree, &image, inj, mtime)?;
-        index.warnings.extend(layer.warnings);
-        injected = layer.added;
-        let digest = Digest::of_bytes(&layer.layer_tar);
-        let desc = LayerDesc {
-            index: source_layers,
-            digest: Some(digest.clone()),
-            size: Some(layer.layer_tar.len() as u64),
-            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-            diff_id: digest,
-        };
-        let source = std::mem::replace(&mut image.blobs, Box::new(source::NoBlobs));
-        image.blobs = Box::new(WithInjectedLayer {
-            source,
-            index: source_layers,
-            tar: layer.layer_tar.into(),
-        });
-        image.layers.push(desc.clone());
-        flatten::index_layer(&mut index, &image, &desc).context("injecting hakim-init")?;
-    }
+    let injected = match &opts.inject {
+        Some(inj) => inject_init(opts, inj, &mut image, &mut index)?,
+        None => Vec::new(),
+    };
     let mut warnings = std::mem::take(&mut index.warnings);
 
     let os_release = index
@@ -374,39 +472,14 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         .clone()
         .or_else(|| image.tag.clone())
         .unwrap_or_else(|| "latest".into());
-    let file_name = match opts.format {
-        OutputFormat::Rootfs => {
-            let release = match &opts.release {
-                Some(r) => r.clone(),
-                None => os_release
-                    .as_deref()
-                    .and_then(|t| {
-                        output::os_release_field(t, "VERSION_CODENAME")
-                            .or_else(|| output::os_release_field(t, "VERSION_ID"))
-                    })
-                    .unwrap_or_else(|| {
-                        warnings.push(
-                            "no VERSION_CODENAME in os-release; release named 'unknown'".into(),
-                        );
-                        "unknown".into()
-                    }),
-            };
-            let arch = output::arch_name(
-                &image.platform.architecture,
-                image.platform.variant.as_deref(),
-            );
-            let stem = match &opts.name {
-                Some(n) => n.clone(),
-                None => output::artifact_stem(&base_name, None, &release, &arch),
-            };
-            format!("{stem}{}", opts.compression.extension())
-        }
-        OutputFormat::OciArchive => match &opts.name {
-            Some(n) => format!("{n}.tar"),
-            None => ociout::archive_name(&output::sanitize(&base_name), &tag)?,
-        },
-    };
-    output::check_file_name(&file_name)?;
+    let file_name = artifact_file_name(
+        opts,
+        &image,
+        os_release.as_deref(),
+        &base_name,
+        &tag,
+        &mut warnings,
+    )?;
 
     output::prepare_dir(&opts.output_dir)?;
     let final_path = opts.output_dir.join(&file_name);
@@ -519,25 +592,7 @@ fn convert_inner(opts: &ConvertOptions) -> Result<Summary> {
         .with_context(|| format!("cannot put {} in place", final_path.display()))?;
     let push = match push_target {
         None => None,
-        Some(target) => {
-            let reference = target.to_string();
-            let mut request = push_layout::from_oci_archive(&final_path, target.clone())?;
-            // Kept layers already live in the source repository: mount them there.
-            if opts.keep_layers {
-                if let Ok(source) = Reference::parse(&image.reference) {
-                    if source.registry == target.registry && image.repository.is_some() {
-                        request.mount_from = Some(source.repository);
-                    }
-                }
-            }
-            let stats = crate::registry::push(&request, &registry).with_context(|| {
-                format!(
-                    "{} was written, but pushing it to {reference} failed",
-                    final_path.display()
-                )
-            })?;
-            Some(PushSummary { reference, stats })
-        }
+        Some(target) => Some(push_archive(opts, &image, &final_path, target, &registry)?),
     };
 
     let pass2 = |place: usize| index.pass2.get(place).copied().unwrap_or_default();
