@@ -557,6 +557,46 @@ mod tests {
     }
 
     #[test]
+    fn push_request_reads_each_blob_once_where_it_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tar");
+        std::fs::write(&path, b"xx{}xxlayerxx").unwrap();
+        let blob = |bytes: &[u8], offset: u64, media_type: &str| BlobRef {
+            digest: Digest::of_bytes(bytes),
+            size: bytes.len() as u64,
+            media_type: media_type.into(),
+            offset,
+        };
+        let layer = blob(b"layer", 6, LAYER_GZIP);
+        let archive = OciArchive {
+            manifest: blob(b"m", 0, MANIFEST_TYPE),
+            config: blob(b"{}", 2, CONFIG_TYPE),
+            layers: vec![layer.clone(), layer],
+            diff_ids: Vec::new(),
+            manifest_json: b"m".to_vec(),
+            entries: None,
+            warnings: Vec::new(),
+            checks: Vec::new(),
+        };
+        let target = Reference::parse("127.0.0.1:5000/a:t").unwrap();
+        let request = archive.push_request(&path, target);
+        assert_eq!(request.manifest, b"m");
+        assert_eq!(request.manifest_media_type, MANIFEST_TYPE);
+        let read: Vec<Vec<u8>> = request
+            .blobs
+            .iter()
+            .map(|b| {
+                let mut bytes = Vec::new();
+                (b.open)().unwrap().read_to_end(&mut bytes).unwrap();
+                assert_eq!(Digest::of_bytes(&bytes), b.digest);
+                bytes
+            })
+            .collect();
+        // Config first; a layer the manifest names twice is sent once.
+        assert_eq!(read, [b"{}".to_vec(), b"layer".to_vec()]);
+    }
+
+    #[test]
     fn archive_names() {
         assert_eq!(
             archive_name("hakim-js", "latest").unwrap(),
