@@ -379,9 +379,9 @@ fn index_source(
 ) -> Result<Pass1> {
     let spinner = match (opts.progress, downloads) {
         // Layers still download during pass 1: one display for both.
-        (true, Some(d)) => d.join_display(indicatif::ProgressBar::new_spinner()),
-        (true, None) => indicatif::ProgressBar::new_spinner(),
-        (false, _) => indicatif::ProgressBar::hidden(),
+        (true, Some(d)) => d.join_display(ProgressBar::new_spinner()),
+        (true, None) => ProgressBar::new_spinner(),
+        (false, _) => ProgressBar::hidden(),
     };
     let _logs_suspend_spinner = crate::diag::register_bar(&spinner);
     let mut on_layer = |i: usize, n: usize| {
@@ -410,7 +410,8 @@ fn index_source(
 
 /// Step 3, `--inject-init`: builds the hakim-init layer on the merged tree,
 /// puts it on top of the image (served from memory) and indexes it like the
-/// others. Returns the image with it and the paths it added.
+/// others — after pass 1, since what it adds depends on the tree. Returns the
+/// image with it and the paths it added.
 fn inject_init(
     opts: &ConvertOptions,
     image: ResolvedImage,
