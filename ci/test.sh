@@ -12,6 +12,9 @@ shellcheck ci/*.sh .ci/run docs/examples/coder-proxmox/pve-oci-env.sh
 ci/actionlint.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The fuzz crate is outside the workspace: check it now, so an API change that
+# breaks a target fails in the first minutes rather than at the fuzz smoke.
+cargo check --manifest-path fuzz/Cargo.toml --bins --quiet
 cargo build --workspace --quiet
 # HAKIM_E2E=1: a missing tool or privilege fails the end-to-end tests instead
 # of skipping them.

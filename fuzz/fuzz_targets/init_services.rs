@@ -2,8 +2,9 @@
 //! the start order.
 //!
 //! Input: one flag byte (bits 0-2 set `START_A`, `START_B`, `START_C`; bit 3
-//! makes every `requires` path exist), then service files separated by
-//! [`hakim_fuzz::SEP`], named `svc0`, `svc1`, …
+//! makes every `requires` path exist; bit 4 gives session services a user's
+//! environment), then service files separated by [`hakim_fuzz::SEP`], named
+//! `svc0`, `svc1`, …
 //!
 //! Invariants: an accepted service has a command, a real signal number and
 //! valid env names; ordering keeps every service exactly once, and puts each
@@ -13,7 +14,7 @@
 use std::path::Path;
 
 use hakim_init::env::{defaults, valid_name};
-use hakim_init::services::{order, parse};
+use hakim_init::services::{order, parse, Parsed};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -27,24 +28,33 @@ fuzz_target!(|data: &[u8]| {
     }
     let all_exist = flags & 8 != 0;
     let exists = move |_: &Path| all_exist;
+    let session_env = (flags & 16 != 0).then(|| {
+        let mut user = env.clone();
+        user.insert("HOME".into(), "/home/coder".into());
+        user.insert("USER".into(), "coder".into());
+        user
+    });
     let mut services = Vec::new();
+    let mut known = Vec::new();
     for (i, file) in hakim_fuzz::split(rest).iter().enumerate().take(16) {
         let Ok(text) = std::str::from_utf8(file) else {
             continue;
         };
-        match parse(&format!("svc{i}"), text, &env, &exists) {
-            Ok(Some(s)) => {
+        let stem = format!("svc{i}");
+        known.push(stem.clone());
+        match parse(&stem, text, &env, session_env.as_ref(), &exists) {
+            Ok(Parsed::Enabled(s)) => {
                 assert!(!s.argv.is_empty());
                 assert!((1..=64).contains(&s.stop_signal));
                 assert!(s.env.iter().all(|(k, _)| valid_name(k)));
-                services.push(s);
+                services.push(*s);
             }
-            Ok(None) => {}
+            Ok(Parsed::Disabled(_)) => {}
             Err(e) => assert!(!e.is_empty()),
         }
     }
     let mut names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
-    let (ordered, notes) = order(services);
+    let (ordered, notes) = order(services, &known);
     let mut got: Vec<String> = ordered.iter().map(|s| s.name.clone()).collect();
     names.sort();
     got.sort();
