@@ -16,11 +16,14 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
-use crate::inject::INIT_PATH;
 use crate::layer::{self, MemberKind};
 use crate::path::RelPath;
 use crate::text::{printable, NAME_SHOWN};
 use crate::whiteout::Role;
+
+/// Where hakim-init lives in every artifact `--inject-init` makes; the OCI
+/// Entrypoint rule expects it there.
+pub const INIT_PATH: &str = "/usr/local/sbin/hakim-init";
 
 /// `ID`s Proxmox's container setup recognises; anything else needs `ostype: unmanaged`.
 pub const PVE_KNOWN_OS_IDS: &[&str] = &[

@@ -23,8 +23,8 @@ use crate::source::ResolvedImage;
 use crate::tarout::{OutEntry, OutKind, TarWriter};
 use crate::tree::{Kind, Tree};
 
-/// Where the init lands in every artifact.
-pub const INIT_PATH: &str = "/usr/local/sbin/hakim-init";
+/// Where the init lands in every artifact (defined with the rules that expect it there).
+pub use crate::acceptance::INIT_PATH;
 pub const SERVICES_DIR: &str = "etc/hakim/services";
 pub const IMAGE_ENV: &str = "etc/hakim/image.env";
 pub const IMAGE_JSON: &str = "etc/hakim/image.json";

@@ -22,6 +22,7 @@ pub mod layer;
 pub mod ociout;
 pub mod output;
 pub mod path;
+pub mod push_layout;
 pub mod registry;
 pub mod sample;
 pub mod source;

@@ -1085,35 +1085,6 @@ fn emit_lines(name: &str, buf: &mut Vec<u8>, flush_all: bool) {
     let _ = out.flush();
 }
 
-/// Direct children of this process (for the sweep when not PID 1).
-pub fn children_of_self() -> Vec<Pid> {
-    let me = std::process::id() as i32;
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let ppid = rest
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<i32>().ok());
-        if ppid == Some(me) {
-            out.push(Pid::from_raw(pid));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 #[path = "supervisor_schedule_tests.rs"]
 mod schedule;

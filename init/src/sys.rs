@@ -238,7 +238,7 @@ impl Host for RealHost {
         if is_pid1 {
             self.kill(nix::unistd::Pid::from_raw(-1), sig);
         } else {
-            for pid in crate::supervisor::children_of_self() {
+            for pid in children_of_self() {
                 self.kill(pid, sig);
             }
         }
@@ -254,7 +254,7 @@ impl Host for RealHost {
                 .filter(|&p| p != me)
                 .collect()
         } else {
-            crate::supervisor::children_of_self()
+            children_of_self()
                 .into_iter()
                 .map(nix::unistd::Pid::as_raw)
                 .collect()
@@ -275,4 +275,33 @@ impl Host for RealHost {
     fn exists(&self, path: &Path) -> bool {
         path.exists()
     }
+}
+
+/// Direct children of this process (for the sweep when not PID 1).
+fn children_of_self() -> Vec<nix::unistd::Pid> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Field 4 (ppid) follows the parenthesised command name, which may hold spaces.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(me) {
+            out.push(nix::unistd::Pid::from_raw(pid));
+        }
+    }
+    out
 }

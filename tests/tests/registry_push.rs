@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use hakim_convert::push_layout::{from_oci_archive, from_oci_layout};
 use hakim_convert::registry::push::{push, BlobUpload, PushRequest, PushStats, UploadOptions};
-use hakim_convert::registry::push_layout::{from_oci_archive, from_oci_layout};
 use hakim_convert::registry::retry::Backoff;
 use hakim_convert::registry::{Credentials, Reference, RegistryOptions, RetryPolicy};
 use hakim_convert::sample::{write_oci_layout, BlobCompression, LayerBuilder, SampleLayer};

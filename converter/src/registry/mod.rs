@@ -11,7 +11,6 @@
 //! - [`download`]: streaming a blob into the cache with `Range` resume.
 //! - [`progress`]: progress bars or periodic lines.
 //! - [`push`]: uploading blobs (mount, monolithic, chunked) and a manifest.
-//! - [`push_layout`]: what to push, from an OCI layout directory or archive.
 //!
 //! `source::registry` ties these together into a resolved image whose layers
 //! are read from the cache by the usual flattener.
@@ -24,7 +23,6 @@ pub mod credhelper;
 pub mod download;
 pub mod progress;
 pub mod push;
-pub mod push_layout;
 mod redirect;
 pub mod reference;
 mod request;

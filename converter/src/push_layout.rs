@@ -3,15 +3,17 @@
 //! exactly one image manifest; its bytes are pushed unchanged (so the pushed
 //! manifest digest is the layout's), and its config and layers are read from
 //! `blobs/sha256/` when uploaded (from the archive in place, nothing extracted).
+//! It reads images as `source` does and hands `registry` what to send, so it
+//! sits above both (inside `registry` it made the two import each other).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use super::push::{BlobUpload, PushRequest};
-use super::reference::Reference;
 use crate::digest::Digest;
+use crate::registry::push::{BlobUpload, PushRequest};
+use crate::registry::reference::Reference;
 use crate::source::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
 use crate::source::oci_archive;
 use crate::source::oci_layout::{blob_name, DirFiles, LayoutFiles};
