@@ -50,12 +50,18 @@ pub struct OutEntry<'a> {
     pub xattrs: &'a [Xattr],
 }
 
+/// Size of the buffer member data is copied through.
+const COPY_BUF: usize = 256 * 1024;
+
 pub struct TarWriter<W: Write> {
     out: W,
     written: u64,
     /// Proxmox's acceptance rules, fed every member written (see
     /// [`TarWriter::check_with`]).
     rules: Option<MemberRules>,
+    /// The buffer file data passes through, allocated on first use and kept:
+    /// one fresh zeroed 256 KiB buffer per member cost 1.5 % of a conversion.
+    copy_buf: Vec<u8>,
 }
 
 fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
@@ -87,6 +93,7 @@ impl<W: Write> TarWriter<W> {
             out,
             written: 0,
             rules: None,
+            copy_buf: Vec::new(),
         }
     }
 
@@ -300,7 +307,21 @@ impl<W: Write> TarWriter<W> {
         size: u64,
         tick: &mut dyn FnMut(u64) -> io::Result<()>,
     ) -> io::Result<()> {
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = std::mem::take(&mut self.copy_buf);
+        buf.resize(COPY_BUF, 0);
+        let copied = self.copy_exactly(data, size, tick, &mut buf);
+        self.copy_buf = buf;
+        copied?;
+        self.put(&[0u8; BLOCK][..padding(size)])
+    }
+
+    fn copy_exactly(
+        &mut self,
+        data: &mut dyn Read,
+        size: u64,
+        tick: &mut dyn FnMut(u64) -> io::Result<()>,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
         let mut left = size;
         while left > 0 {
             let want = left.min(buf.len() as u64) as usize;
@@ -315,7 +336,7 @@ impl<W: Write> TarWriter<W> {
             left -= n as u64;
             tick(n as u64)?;
         }
-        self.put(&[0u8; BLOCK][..padding(size)])
+        Ok(())
     }
 
     /// Writes the end-of-archive marker and returns the inner writer.
