@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use crate::path::RelPath;
 use crate::source::ResolvedImage;
 use crate::tarout::{OutEntry, OutKind, TarWriter};
+use crate::text::{printable, NAME_SHOWN};
 use crate::tree::{Kind, Tree};
 
 /// Where the init lands in every artifact (defined with the rules that expect it there).
@@ -289,10 +290,11 @@ pub fn build_layer(
     let json_file = image_json(image)?;
 
     let mut layer = TarWriter::new(Vec::new());
-    let mut put = |name: &str, kind: OutKind, mode: u32, link: Option<&str>, data: &[u8]| {
+    // Names are bytes: an image's own names (its SSH host keys) need not be UTF-8.
+    let mut put = |name: &[u8], kind: OutKind, mode: u32, link: Option<&str>, data: &[u8]| {
         layer
             .append(&OutEntry {
-                name: name.as_bytes(),
+                name,
                 kind,
                 mode,
                 uid: 0,
@@ -320,20 +322,20 @@ pub fn build_layer(
     // but reading them first is what a human expects too.
     if !opts.keep_ssh_host_keys {
         if let Some(dir) = tree.resolve(&rel("etc/ssh"))? {
-            let keys: Vec<String> = tree
+            let keys: Vec<Vec<u8>> = tree
                 .children(dir)
                 .filter(|(name, _)| name.starts_with(b"ssh_host_"))
-                .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+                .map(|(name, _)| name.to_vec())
                 .collect();
             for key in keys {
                 put(
-                    &format!("etc/ssh/.wh.{key}"),
+                    &[&b"etc/ssh/.wh."[..], &key].concat(),
                     OutKind::File,
                     0o644,
                     None,
                     b"",
                 );
-                added.push(format!("-/etc/ssh/{key}"));
+                added.push(format!("-/etc/ssh/{}", printable(&key, NAME_SHOWN)));
             }
         }
     }
@@ -356,22 +358,22 @@ pub fn build_layer(
             }
             at.push_str(part);
             if !made.contains(&at) && tree.resolve(&rel(&at))?.is_none() {
-                put(&format!("{at}/"), OutKind::Dir, 0o755, None, b"");
+                put(format!("{at}/").as_bytes(), OutKind::Dir, 0o755, None, b"");
                 made.insert(at.clone());
             }
         }
     }
     let init_rel = INIT_PATH.trim_start_matches('/');
-    put(init_rel, OutKind::File, 0o755, None, &init);
+    put(init_rel.as_bytes(), OutKind::File, 0o755, None, &init);
     added.push(INIT_PATH.into());
     // Rootfs templates start /sbin/init; OCI images start the Entrypoint, but a
     // /sbin/init that reaches systemd would still be a trap for anyone booting
     // the image another way.
-    put("sbin/init", OutKind::Symlink, 0o777, Some(INIT_PATH), b"");
+    put(b"sbin/init", OutKind::Symlink, 0o777, Some(INIT_PATH), b"");
     added.push("/sbin/init".into());
     for (name, text) in &services {
         put(
-            &format!("{SERVICES_DIR}/{name}"),
+            format!("{SERVICES_DIR}/{name}").as_bytes(),
             OutKind::File,
             0o644,
             None,
@@ -379,18 +381,30 @@ pub fn build_layer(
         );
         added.push(format!("/{SERVICES_DIR}/{name}"));
     }
-    put(IMAGE_ENV, OutKind::File, 0o644, None, env_file.as_bytes());
-    put(IMAGE_JSON, OutKind::File, 0o644, None, &json_file);
+    put(
+        IMAGE_ENV.as_bytes(),
+        OutKind::File,
+        0o644,
+        None,
+        env_file.as_bytes(),
+    );
+    put(
+        IMAGE_JSON.as_bytes(),
+        OutKind::File,
+        0o644,
+        None,
+        &json_file,
+    );
     added.push(format!("/{IMAGE_ENV}"));
     added.push(format!("/{IMAGE_JSON}"));
     // An empty machine-id: hakim-init generates one per container at boot.
-    put("etc/machine-id", OutKind::File, 0o444, None, b"");
+    put(b"etc/machine-id", OutKind::File, 0o444, None, b"");
     added.push("/etc/machine-id".into());
     let resolv = tree.lookup(&rel("etc/resolv.conf"))?;
     let resolv_is_file =
         resolv.is_some_and(|n| matches!(tree.inode(tree.node_inode(n)).kind, Kind::File { .. }));
     if !resolv_is_file {
-        put("etc/resolv.conf", OutKind::File, 0o644, None, b"");
+        put(b"etc/resolv.conf", OutKind::File, 0o644, None, b"");
         added.push("/etc/resolv.conf".into());
     }
     let layer_tar = layer.finish().expect("writing to memory");

@@ -13,6 +13,7 @@ use hakim_convert::compress::OutputCompression;
 use hakim_convert::convert::{convert, ConvertOptions, OutputFormat, Summary};
 use hakim_convert::inject::InjectOptions;
 use hakim_convert::sample::{BlobCompression, LayerBuilder, SampleLayer};
+use hakim_convert::tarout::OutKind;
 use hakim_convert::verify::{self, Status};
 use serde_json::Value;
 
@@ -41,6 +42,15 @@ fn systemd_image() -> Fixture {
         .file("etc/ssh/sshd_config", "PermitRootLogin no\n")
         .file_mode("etc/ssh/ssh_host_ed25519_key", "PRIVATE", 0o600)
         .file("etc/ssh/ssh_host_ed25519_key.pub", "PUBLIC")
+        // A key name that is not UTF-8 must be whited out under its own bytes.
+        .entry(
+            b"etc/ssh/ssh_host_\xff_key",
+            OutKind::File,
+            0o600,
+            None,
+            b"PRIVATE",
+            &[],
+        )
         .finish();
     let top = LayerBuilder::new()
         .file_mode("usr/bin/tool", "#!/bin/sh\n", 0o755)
@@ -242,6 +252,12 @@ fn rootfs_injection_replaces_systemd_and_scrubs_host_state() {
     assert!(s
         .injected
         .contains(&"-/etc/ssh/ssh_host_ed25519_key".to_string()));
+    assert!(
+        s.injected
+            .contains(&"-/etc/ssh/ssh_host_\\xff_key".to_string()),
+        "{:?}",
+        s.injected
+    );
 
     // --keep-ssh-host-keys keeps them.
     let mut o = options(&f, OutputFormat::Rootfs, Some(&init));

@@ -10,6 +10,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use hakim_netenv::text::printable;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::SigSet;
@@ -31,24 +32,12 @@ pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// One log line, whatever the message holds: control characters (C0 such as newline,
-/// carriage return and ESC, DEL, C1) become `\n`, `\r`, `\t` or `\x1b`-style escapes, so
-/// a value from the environment can neither forge a line nor drive the terminal.
-pub fn escape_controls(msg: &str) -> std::borrow::Cow<'_, str> {
-    if !msg.chars().any(char::is_control) {
-        return std::borrow::Cow::Borrowed(msg);
-    }
-    let mut out = String::with_capacity(msg.len() + 8);
-    for c in msg.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    std::borrow::Cow::Owned(out)
+/// One log line, whatever the message holds: control characters and direction
+/// overrides are escaped by the converter's one text cleaner ([`printable`], `\n`,
+/// `\x1b`, `\u{9b}`, …), so a value from the environment can neither forge a line nor
+/// drive the terminal. Never cut: a log line says all it has.
+pub fn escape_controls(msg: &str) -> String {
+    printable(msg, usize::MAX)
 }
 
 fn write_line(msg: &str) {
@@ -1095,13 +1084,10 @@ mod tests {
 
     #[test]
     fn log_lines_escape_control_characters() {
-        assert!(matches!(
-            escape_controls("plain é"),
-            std::borrow::Cow::Borrowed("plain é")
-        ));
+        assert_eq!(escape_controls("plain é"), "plain é");
         assert_eq!(
-            escape_controls("a\nhakim-init: forged\r\t\u{1b}[31m\u{7f}\u{0}\u{9b}z"),
-            "a\\nhakim-init: forged\\r\\t\\x1b[31m\\x7f\\x00\\x9bz"
+            escape_controls("a\nhakim-init: forged\r\t\u{1b}[31m\u{7f}\u{0}\u{9b}z\u{202e}"),
+            "a\\nhakim-init: forged\\r\\t\\x1b[31m\\x7f\\0\\u{9b}z\\u{202e}"
         );
     }
 

@@ -32,7 +32,6 @@
 
 use std::cell::Cell;
 use std::io::{Cursor, Read};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -97,20 +96,6 @@ impl BlobUpload {
             size,
             open: Box::new(move || {
                 Ok(Box::new(Cursor::new(ArcBytes(bytes.clone()))) as Box<dyn Read + Send>)
-            }),
-        }
-    }
-
-    /// A blob in a file, with the digest and size its descriptor declares (checked
-    /// while uploading, not now).
-    pub fn from_file(path: PathBuf, digest: Digest, size: u64) -> BlobUpload {
-        BlobUpload {
-            digest,
-            size,
-            open: Box::new(move || {
-                let f = std::fs::File::open(&path)
-                    .with_context(|| format!("cannot open {}", path.display()))?;
-                Ok(Box::new(f) as Box<dyn Read + Send>)
             }),
         }
     }
