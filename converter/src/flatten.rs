@@ -237,7 +237,8 @@ fn read_members(
     let mut members = Vec::new();
     let mut captured = Vec::new();
     let mut warnings = Vec::new();
-    let mut stats = layer::read_layer(blob, desc, &mut warnings, |ordinal, entry, raw| {
+    let proven = image.blobs.digest_proven(desc);
+    let mut stats = layer::read_layer(blob, desc, proven, &mut warnings, |ordinal, entry, raw| {
         let member = layer::parse_member(entry, raw)
             .with_context(|| format!("{label}: member #{ordinal}"))?;
         if let (MemberKind::File { size, stored }, Some(_)) = (&member.kind, raw.sparse()) {

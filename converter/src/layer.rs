@@ -276,19 +276,22 @@ pub fn walk_tar(
     warnings: &mut Vec<String>,
     on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
 ) -> Result<Walked> {
-    walk(blob, size_limit, label, warnings, false, on_member).map(|(walked, _)| walked)
+    walk(blob, size_limit, label, warnings, false, true, on_member).map(|(walked, _)| walked)
 }
 
 /// [`walk_tar`], also noting where members start and (`record`) gzip access points.
+/// `hash_blob: false` only counts the compressed bytes (the blob's digest was proven
+/// by this process already; the returned blob digest is then meaningless).
 fn walk(
     blob: Box<dyn Read + Send>,
     size_limit: Option<u64>,
     label: &str,
     warnings: &mut Vec<String>,
     record: bool,
+    hash_blob: bool,
     mut on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
 ) -> Result<(Walked, LayerAccess)> {
-    let (compression, decoder) = Decoder::open(blob, size_limit, label, true, record)?;
+    let (compression, decoder) = Decoder::open(blob, size_limit, label, hash_blob, record)?;
     let (stream, tap) = TarStream::new(HashRead::new(decoder, None));
     let mut archive = tar::Archive::new(stream);
     let mut access = LayerAccess::default();
@@ -476,15 +479,26 @@ pub fn reread_layer(
 /// Streams a layer through [`walk_tar`], then checks size, blob digest and
 /// diff_id against its descriptor. Any mismatch is an error naming the layer;
 /// the caller must not have produced output from it yet (pass 1), or must
-/// discard what it produced (pass 2).
+/// discard what it produced (pass 2). `digest_proven`: the blob was hashed against
+/// its digest by this process already (see `BlobStore::digest_proven`); its size and
+/// diff_id are still checked.
 pub fn read_layer(
     blob: Box<dyn Read + Send>,
     desc: &LayerDesc,
+    digest_proven: bool,
     warnings: &mut Vec<String>,
     on_member: impl FnMut(u64, &mut LayerEntry<'_>, &Raw<'_>) -> Result<()>,
 ) -> Result<LayerStats> {
     let label = desc.label();
-    let (walked, access) = walk(blob, desc.size, &label, warnings, true, on_member)?;
+    let (walked, access) = walk(
+        blob,
+        desc.size,
+        &label,
+        warnings,
+        true,
+        !digest_proven,
+        on_member,
+    )?;
     if let Some(claimed) = Compression::from_media_type(&desc.media_type) {
         if claimed != walked.compression {
             warnings.push(format!(
@@ -501,7 +515,7 @@ pub fn read_layer(
             );
         }
     }
-    if let Some(expected) = &desc.digest {
+    if let (Some(expected), false) = (&desc.digest, digest_proven) {
         if &walked.blob_digest != expected {
             bail!(
                 "{label}: blob digest mismatch: content hashes to {}",

@@ -1111,6 +1111,29 @@ fn cached_rerun_downloads_nothing() {
         "cache: first run {} s downloaded {} bytes; second {} s downloaded 0, reused {}",
         first.seconds, t1.bytes_downloaded, second.seconds, t2.bytes_reused
     );
+
+    // A blob downloaded in this run is hashed once, while it arrives; one found in the
+    // cache is hashed again when read. A cached layer damaged in place (same size, so the
+    // cache's size check lets it through) must be caught by that hash.
+    let manifest = reg.manifest(&reference);
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap();
+    let cached = cache
+        .path()
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    let mut bytes = std::fs::read(&cached).expect("the layer is cached");
+    // The gzip header's MTIME: nothing inside the gzip stream checks it, and the
+    // uncompressed layer (its diff_id) stays the same, so only the blob hash can tell.
+    assert_eq!(&bytes[..2], b"\x1f\x8b", "a gzip layer");
+    bytes[4] ^= 0x01;
+    std::fs::write(&cached, &bytes).unwrap();
+    expect_failure(
+        &reg,
+        &reference,
+        &registry_args(&reg, cache.path(), None),
+        &["digest mismatch"],
+        "a cached layer changed in place",
+    );
 }
 
 /// The same image converted twice from the registry — a cold cache with one compression thread

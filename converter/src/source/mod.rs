@@ -103,6 +103,13 @@ pub trait BlobStore: Send + Sync {
     fn blob_size(&self, _layer: &LayerDesc) -> Result<Option<u64>> {
         Ok(None)
     }
+
+    /// Whether this process already hashed the blob against its digest (a download
+    /// that just verified it): pass 1 then counts its bytes instead of hashing them a
+    /// second time. A blob found in the cache is never proven: it is hashed on read.
+    fn digest_proven(&self, _layer: &LayerDesc) -> bool {
+        false
+    }
 }
 
 /// The image's own store, with one more layer (an uncompressed tar held in
@@ -128,6 +135,10 @@ impl BlobStore for WithTopLayer {
         } else {
             self.below.blob_size(layer)
         }
+    }
+
+    fn digest_proven(&self, layer: &LayerDesc) -> bool {
+        layer.index != self.index && self.below.digest_proven(layer)
     }
 }
 

@@ -196,6 +196,10 @@ impl BlobStore for CachedLayers {
         })?;
         Ok(Some(meta.len()))
     }
+
+    fn digest_proven(&self, layer: &LayerDesc) -> bool {
+        layer.digest.as_ref().is_some_and(|d| self.ready.proven(d))
+    }
 }
 
 /// Which layer blobs are complete in the cache; how the downloads ended.
@@ -208,6 +212,8 @@ struct Ready {
 #[derive(Default)]
 struct ReadyState {
     done: HashSet<Digest>,
+    /// The blobs of `done` this process downloaded and hashed (not found cached).
+    proven: HashSet<Digest>,
     /// The downloads stopped: every blob is in, or `failure` says why not.
     over: bool,
     failure: Option<String>,
@@ -218,9 +224,19 @@ impl Ready {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn complete(&self, digest: &Digest) {
-        self.lock().done.insert(digest.clone());
+    /// `digest` is in the cache; `proven`: this process hashed it on the way in.
+    fn complete(&self, digest: &Digest, proven: bool) {
+        let mut s = self.lock();
+        s.done.insert(digest.clone());
+        if proven {
+            s.proven.insert(digest.clone());
+        }
+        drop(s);
         self.changed.notify_all();
+    }
+
+    fn proven(&self, digest: &Digest) -> bool {
+        self.lock().proven.contains(digest)
     }
 
     fn end(&self, failure: Option<String>) {
@@ -378,7 +394,7 @@ impl RemoteImage {
                         jobs,
                         &progress,
                         &counters,
-                        &|d| ready.complete(d),
+                        &|d, proven| ready.complete(d, proven),
                     )
                     .with_context(|| display.clone());
                     ready.end(result.as_ref().err().map(|e| format!("{e:#}")));
@@ -537,7 +553,8 @@ pub fn resolve(
 }
 
 /// Downloads every distinct layer not yet cached, `jobs` at a time, bottom layers
-/// first, calling `on_ready` for each blob once it is in the cache. The first
+/// first, calling `on_ready` for each blob once it is in the cache (with whether it
+/// was downloaded, hence hashed, rather than found there). The first
 /// failure stops the other downloads and is the error returned.
 fn download_layers(
     client: &Client,
@@ -546,7 +563,7 @@ fn download_layers(
     jobs: usize,
     progress: &Progress,
     counters: &Counters,
-    on_ready: &(dyn Fn(&Digest) + Sync),
+    on_ready: &(dyn Fn(&Digest, bool) + Sync),
 ) -> Result<()> {
     let mut seen = HashSet::new();
     let mut work = Vec::new();
@@ -575,7 +592,7 @@ fn download_layers(
                 };
                 if cache.lookup(digest, Some(*size)).is_some() {
                     counters.reused(*size);
-                    on_ready(digest);
+                    on_ready(digest, false);
                     continue;
                 }
                 let short = format!("layer {}/{total} sha256:{}…", index + 1, digest.short());
@@ -587,11 +604,11 @@ fn download_layers(
                 match result {
                     Ok(o) if o.reused => {
                         counters.reused(*size);
-                        on_ready(digest);
+                        on_ready(digest, false);
                     }
                     Ok(o) => {
                         counters.downloaded(o.network_bytes);
-                        on_ready(digest);
+                        on_ready(digest, true);
                     }
                     Err(e) => {
                         let mut f = failure.lock().unwrap_or_else(|e| e.into_inner());
