@@ -174,7 +174,7 @@ def put_json(dst, obj):
 
 def main():
     if len(sys.argv) != 5 or sys.argv[1] not in ("half", "double"):
-        sys.exit(__doc__.split("\n\n")[-2])
+        sys.exit("usage: bench-curve-image.py half|double SRC_LAYOUT TAG DST_LAYOUT")
     mode, src, tag, dst = sys.argv[1:]
     with open(os.path.join(src, "index.json")) as f:
         index = json.load(f)
